@@ -1,0 +1,400 @@
+"""OOD preference-learning benchmark (issue 6, the OOD-PL paper's table).
+
+For each task (CSG, KA) and seed, on the benchmark's source domains:
+
+- ``base``:  the reference policy, untouched;
+- ``dpo``:   DPO on the pooled source training pairs, no target adaptation;
+- ``bt``:    a MiniLM RM trained by plain Bradley–Terry on the pooled source pairs, then
+             the meta-test adaptation on each held-out domain's prompts;
+- ``meta``:  the OOD-PL meta-trained MiniLM RM, then the same adaptation.
+
+Every policy is scored on each held-out domain's test split: PL accuracy (share of test
+pairs with log π(y_w|x) > log π(y_l|x)) and the gold reward (CSG: VADER sentiment, KA:
+token-F1 to the true gloss) of its samples on the test prompts (same seed for every method).
+The adaptation draws come from the domain's shipped training samples, which are the
+reference policy's own samples (the domain's sampling distribution p).
+
+    python -m bench.ood --quick        # minutes: 1 seed, 2 held-out domains per task, short runs
+    python -m bench.ood                # full: 3 seeds, every held-out domain
+
+Prints a table and writes bench/results/ood.json (rows, costs, targets).
+Target (the paper's claim): per task, meta beats both bt and dpo on ≥ 3 of 4 held-out domains
+(gold reward; PL accuracy reported as a second target).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.adapt import AdaptConfig, Adapter, pl_accuracy
+from training.checkpoint import write_json_atomic
+from training.dpo import DPOConfig, DPOTrainer
+from training.meta_train import MetaTask, MetaTrainConfig, MetaTrainer, rm_rewards
+from training.policy import Policy
+from training.reward_model import RewardModel
+
+METHODS = ("base", "dpo", "bt", "meta")
+
+
+@dataclass
+class Settings:
+    tasks: tuple[str, ...] = ("csg", "ka")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    policy: str = "smollm2-135m"
+    reward_model: str = "minilm"
+    bench_root: str = "bench/data"
+    work_dir: str = "artifacts/bench/ood"
+    source_domains: int = 8  # how many source domains (first N of the task's list)
+    heldout_domains: int = 4  # how many held-out domains
+    # meta-training (and the same budget for BT and DPO)
+    outer_steps: int = 40
+    inner_steps: int = 1
+    inner_lr: float = 1e-2
+    outer_lr: float = 1e-4
+    beta: float = 1.0
+    responses_per_prompt: int = 4
+    inner_batch_prompts: int = 2
+    outer_batch_pairs: int = 8
+    directional: str = "jvp"
+    dpo_beta: float = 0.1
+    dpo_lr: float = 5e-4
+    lora_r: int = 8
+    # adaptation
+    adapt_prompts: int = 16
+    adapt_steps: int = 20
+    adapt_lr: float = 5e-4
+    adapt_batch_prompts: int = 4
+    # evaluation
+    eval_prompts: int = 8
+    eval_responses: int = 2
+    eval_pairs: int = 48
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(seeds=(0,), source_domains=4, heldout_domains=2, outer_steps=8,
+                   outer_batch_pairs=4, adapt_prompts=8, adapt_steps=8, adapt_batch_prompts=2,
+                   eval_prompts=4, eval_responses=2, eval_pairs=16)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 50 ms)."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.current_mb())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak_mb = self.current_mb()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Cost:
+    """Wall time and peak RSS accumulated per method."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    def measure(self, method: str):
+        cost = self
+
+        class _Block:
+            def __enter__(self):
+                gc.collect()
+                self.start = time.monotonic()
+                self.rss = PeakRSS().__enter__()
+
+            def __exit__(self, *exc):
+                self.rss.__exit__(*exc)
+                cost.seconds[method] = cost.seconds.get(method, 0.0) + time.monotonic() - self.start
+                cost.peak_mb[method] = max(cost.peak_mb.get(method, 0.0), self.rss.peak_mb)
+
+        return _Block()
+
+
+def gold_function(task: str):
+    from bench.data.gold import sentiment, token_f1
+
+    if task == "csg":
+        return lambda row, response: sentiment(response)
+
+    def ka(row, response: str) -> float:
+        sources = row.meta.get("sources") or []
+        reference = row.responses[sources.index("reference")] if "reference" in sources else row.responses[-1]
+        return token_f1(response, reference)
+
+    return ka
+
+
+def sampling_params(task: str):
+    from bench.data.tasks import TASKS
+
+    return TASKS[task].params
+
+
+def policy_draws(rows):
+    """Only the reference policy's own samples of each prompt (draws from p): the true
+    continuation/gloss the benchmark also ships would leak the target's labels."""
+    out = []
+    for row in rows:
+        sources = row.meta.get("sources")
+        if not sources:
+            out.append(row)
+            continue
+        kept = [y for y, src in zip(row.responses, sources, strict=True) if src == "policy"]
+        if len(kept) >= 2:
+            out.append(replace(row, responses=kept))
+    return out
+
+
+def evaluate_policy(policy: Policy, rows, pairs, task: str, seed: int, s: Settings) -> dict[str, float]:
+    params = sampling_params(task)
+    gold = gold_function(task)
+    samples = policy.sample([r.prompt for r in rows], s.eval_responses,
+                            max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                            top_p=params.top_p, seed=10_000 + seed)
+    golds = [gold(r, y) for r, group in zip(rows, samples, strict=True) for y in group]
+    return {"pl_accuracy": pl_accuracy(policy, pairs) or 0.0, "gold": sum(golds) / len(golds)}
+
+
+def bt_train(pairs, s: Settings, seed: int, out: Path) -> tuple[Path, float]:
+    """Plain Bradley–Terry on the pooled pairs (the project's RMTrainer); returns (dir, s/step)."""
+    from training.rm_trainer import RMTrainConfig, RMTrainer
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_file = out / "pooled_pairs.jsonl"
+    with open(train_file, "w") as handle:
+        for p in pairs:
+            handle.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                                     "domain": p.domain}) + "\n")
+    config = RMTrainConfig(train_file=str(train_file), model=s.reward_model, output_dir=str(out / "run"),
+                           max_steps=s.outer_steps, batch_size=s.outer_batch_pairs,
+                           learning_rate=s.outer_lr, seed=seed, checkpoint_every=0, warmup_ratio=0.0,
+                           lr_scheduler="constant")
+    started = time.monotonic()
+    result = RMTrainer(config).train()
+    return Path(result.model_dir), (time.monotonic() - started) / s.outer_steps
+
+
+def bt_step_seconds(rm_ref: str, pairs, batch: int, steps: int = 4) -> float:
+    """Time of one BT optimizer step of the RM alone (same batch size as the outer step)."""
+    from training.models import resolve_pretrained
+
+    rm = RewardModel.from_pretrained(resolve_pretrained(rm_ref), device="cpu")
+    rm.model.eval()
+    opt = torch.optim.AdamW(rm.model.parameters(), lr=1e-6)
+    chunk = list(pairs)[:batch]
+    prompts = [p.prompt for p in chunk]
+    times = []
+    for _ in range(steps):
+        start = time.monotonic()
+        r = rm_rewards(rm, prompts * 2, [p.chosen for p in chunk] + [p.rejected for p in chunk])
+        loss = -F.logsigmoid(r[: len(chunk)] - r[len(chunk):]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.monotonic() - start)
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def run_seed(task: str, seed: int, s: Settings, cost: Cost) -> tuple[list[dict], dict]:
+    from training.data import load_benchmark
+
+    bench = load_benchmark(task, root=s.bench_root)
+    sources = bench.source_domains[: s.source_domains]
+    heldout = bench.heldout_domains[: s.heldout_domains]
+    chat = sampling_params(task).chat
+    work = Path(s.work_dir) / task / f"seed{seed}"
+    meta_tasks = [MetaTask(d, policy_draws(bench.samples(d, "train")), bench.pairs(d, "train"))
+                  for d in sources]
+    pooled = [p for t in meta_tasks for p in t.pairs]
+    common = {"device": "cpu", "seed": seed}
+
+    with cost.measure(f"{task}/meta"):
+        meta_config = MetaTrainConfig(
+            reward_model=s.reward_model, policy=s.policy, policy_lora_r=s.lora_r, chat_template=chat,
+            outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
+            outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
+            inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
+            directional=s.directional, output_dir=str(work / "meta"), checkpoint_every=0,
+            eval_pairs=8, max_response_tokens=64, **common)
+        meta_result = MetaTrainer(meta_config, tasks=meta_tasks).train()
+    with cost.measure(f"{task}/bt"):
+        bt_dir, bt_trainer_step = bt_train(pooled, s, seed, work / "bt")
+    with cost.measure(f"{task}/dpo"):
+        dpo = DPOTrainer(DPOConfig(policy=s.policy, lora_r=s.lora_r, chat_template=chat,
+                                   steps=s.outer_steps, batch_pairs=s.outer_batch_pairs,
+                                   beta=s.dpo_beta, learning_rate=s.dpo_lr, checkpoint_every=0,
+                                   output_dir=str(work / "dpo"), max_response_tokens=64, **common),
+                         pairs=pooled)
+        dpo.train()
+    costs = {"meta_step_s": meta_result.metrics["seconds_per_outer_step"],
+             "bt_trainer_step_s": bt_trainer_step,
+             "bt_step_s": bt_step_seconds(s.reward_model, pooled, s.outer_batch_pairs),
+             "meta_outer_pl_accuracy": meta_result.metrics["outer_pl_accuracy"],
+             "meta_initial_outer_pl_accuracy": meta_result.metrics.get("initial_outer_pl_accuracy")}
+
+    base = Policy.from_pretrained(s.policy, device="cpu", chat_template=chat, trainable=False)
+    rows = []
+    for domain in heldout:
+        test_rows = bench.samples(domain, "test")[: s.eval_prompts]
+        test_pairs = bench.pairs(domain, "test")[: s.eval_pairs]
+        train_rows = policy_draws(bench.samples(domain, "train"))[: s.adapt_prompts]
+        results: dict[str, dict[str, float]] = {}
+        with cost.measure(f"{task}/base"):
+            results["base"] = evaluate_policy(base, test_rows, test_pairs, task, seed, s)
+        with cost.measure(f"{task}/dpo"):
+            results["dpo"] = evaluate_policy(dpo.policy, test_rows, test_pairs, task, seed, s)
+        for method, rm_dir in (("bt", bt_dir), ("meta", Path(meta_result.rm_dir))):
+            with cost.measure(f"{task}/{method}"):
+                adapter = Adapter(
+                    AdaptConfig(
+                        domain=domain, policy=s.policy, reward_model=str(rm_dir), lora_r=s.lora_r,
+                        chat_template=chat, use_given_responses=True,
+                        responses_per_prompt=s.responses_per_prompt, beta=s.beta,
+                        steps=s.adapt_steps, learning_rate=s.adapt_lr,
+                        batch_prompts=s.adapt_batch_prompts, eval_prompts=0, eval_pairs=0,
+                        eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                        output_dir=str(work / f"adapt-{method}-{domain}"), **common),
+                    prompts=train_rows)
+                adapter.train()
+                results[method] = evaluate_policy(adapter.policy, test_rows, test_pairs, task, seed, s)
+                del adapter
+        for method, values in results.items():
+            rows.append({"task": task, "domain": domain, "method": method, "seed": seed, **values})
+        print(f"  {task} seed {seed} {domain}: " + ", ".join(
+            f"{m} gold {v['gold']:.3f} pl {v['pl_accuracy']:.3f}" for m, v in results.items()), flush=True)
+    del base, dpo
+    gc.collect()
+    return rows, costs
+
+
+def aggregate(per_seed: list[dict]) -> list[dict]:
+    keys = sorted({(r["task"], r["domain"], r["method"]) for r in per_seed},
+                  key=lambda k: (k[0], k[1], METHODS.index(k[2])))
+    out = []
+    for task, domain, method in keys:
+        mine = [r for r in per_seed if (r["task"], r["domain"], r["method"]) == (task, domain, method)]
+        row = {"task": task, "domain": domain, "method": method, "seeds": len(mine)}
+        for metric in ("gold", "pl_accuracy"):
+            values = [r[metric] for r in mine]
+            row[f"{metric}_mean"] = statistics.fmean(values)
+            row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+def targets(rows: list[dict], s: Settings) -> list[dict]:
+    found = []
+    for task in s.tasks:
+        domains = sorted({r["domain"] for r in rows if r["task"] == task})
+        if not domains:
+            continue
+        threshold = 3 if len(domains) >= 4 else math.ceil(0.75 * len(domains))
+        for metric in ("gold", "pl_accuracy"):
+            def value(domain, method, metric=metric, task=task):
+                return next(r[f"{metric}_mean"] for r in rows
+                            if (r["task"], r["domain"], r["method"]) == (task, domain, method))
+            wins = sum(value(d, "meta") > max(value(d, "bt"), value(d, "dpo")) for d in domains)
+            found.append({"name": f"{task}: meta beats bt and dpo on {metric} (held-out domains won "
+                                  f"of {len(domains)})",
+                          "measured": wins, "threshold": threshold, "met": wins >= threshold})
+    return found
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'task':5} {'domain':16} {'method':6} {'gold':>16} {'PL accuracy':>16}")
+    for r in rows:
+        print(f"{r['task']:5} {r['domain']:16} {r['method']:6} "
+              f"{r['gold_mean']:8.3f} ± {r['gold_std']:5.3f} "
+              f"{r['pl_accuracy_mean']:8.3f} ± {r['pl_accuracy_std']:5.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, 2 held-out domains")
+    parser.add_argument("--tasks", default=None, help="comma list (default csg,ka)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    parser.add_argument("--bench-root", default="bench/data")
+    parser.add_argument("--work-dir", default="artifacts/bench/ood")
+    parser.add_argument("--output", default="bench/results/ood.json")
+    parser.add_argument("--outer-steps", type=int, default=None)
+    parser.add_argument("--heldout-domains", type=int, default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    s = Settings.quick() if args.quick else Settings()
+    s = replace(s, bench_root=args.bench_root, work_dir=args.work_dir)
+    if args.tasks:
+        s = replace(s, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
+    if args.seeds:
+        s = replace(s, seeds=tuple(range(args.seeds)))
+    if args.outer_steps:
+        s = replace(s, outer_steps=args.outer_steps)
+    if args.heldout_domains:
+        s = replace(s, heldout_domains=args.heldout_domains)
+    started = time.monotonic()
+    cost = Cost()
+    per_seed, step_costs = [], {}
+    for task in s.tasks:
+        for seed in s.seeds:
+            print(f"{task} seed {seed}: meta-train, BT, DPO, then adapt/evaluate on held-out domains", flush=True)
+            rows, costs = run_seed(task, seed, s, cost)
+            per_seed.extend(rows)
+            step_costs.setdefault(task, []).append(costs)
+    rows = aggregate(per_seed)
+    print_table(rows)
+    step_summary = {}
+    for task, items in step_costs.items():
+        meta = statistics.fmean(c["meta_step_s"] for c in items)
+        bt = statistics.fmean(c["bt_step_s"] for c in items)
+        step_summary[task] = {"meta_step_s": meta, "bt_step_s": bt, "ratio": meta / bt,
+                              "runs": items}
+        print(f"{task}: meta step {meta:.2f}s vs BT step {bt:.3f}s → {meta / bt:.1f}×")
+    method_costs = {m: {"wall_time_s": round(cost.seconds[m], 1), "peak_rss_mb": round(cost.peak_mb[m])}
+                    for m in sorted(cost.seconds)}
+    for name, value in method_costs.items():
+        print(f"{name:10} {value['wall_time_s']:8.1f}s  peak RSS {value['peak_rss_mb']} MB")
+    found = targets(rows, s)
+    for t in found:
+        print(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['measured']} (threshold {t['threshold']})")
+    payload = {"settings": asdict(s), "quick": args.quick, "rows": rows, "per_seed": per_seed,
+               "step_cost": step_summary, "method_cost": method_costs, "targets": found,
+               "wall_time_s": time.monotonic() - started, "torch_threads": torch.get_num_threads()}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(args.output), payload)
+    print(f"wrote {args.output} in {payload['wall_time_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

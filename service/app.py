@@ -1,0 +1,72 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from service.deps import require_api_key
+from service.engine import ScoringEngine
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.model_manager import ModelManager
+from service.routes import get_reward, health, jobs, metrics, models, preference, score
+from training.settings import Settings
+from worker.client import JobClient
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app_metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = ScoringEngine(
+            max_batch_tokens=settings.max_batch_tokens,
+            max_batch_size=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            metrics=app_metrics,
+        )
+        manager = ModelManager(settings, app_metrics)
+        app.state.engine = engine
+        app.state.models = manager
+        app.state.jobs = JobClient(settings)
+        engine.start()
+        # Loading takes seconds to minutes: do it off the event loop so /health answers
+        # and /ready says 503 meanwhile; then follow registry promotions.
+        loop = asyncio.get_running_loop()
+        loading = loop.run_in_executor(None, manager.load_initial)
+        loading.add_done_callback(lambda _: manager.start_watching())
+        try:
+            yield
+        finally:
+            manager.stop_watching()
+            engine.stop()
+            app.state.jobs.close()
+            if not loading.done():
+                log.info("shutting down while the model is still loading")
+
+    app = FastAPI(
+        title="generalrm",
+        summary="Reward-model scoring and meta-learning service for RLHF",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = app_metrics
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics)
+
+    app.include_router(health.router, tags=["health"])
+    protected = [Depends(require_api_key)]
+    app.include_router(health.ready_router, dependencies=protected, tags=["health"])
+    for module in (score, preference, get_reward, models, jobs, metrics):
+        app.include_router(module.router, dependencies=protected)
+    return app

@@ -1,0 +1,182 @@
+"""The scoring engine: one inference thread owns the model; the event loop never runs torch.
+
+Requests arrive already tokenized (in the thread pool) and wait in a bounded queue. The
+inference thread drains the queue, sorts the waiting items by length so that little is
+padded, cuts them into batches by a padded-token budget and an item cap, and completes
+each request as soon as its last item is scored. A full queue refuses at once (429) rather
+than letting a client time out. Each request carries the model it was admitted with, so a
+model swap never changes the model under a request in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import Overloaded
+from service.metrics import Metrics
+from training.reward_model import RewardModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    """A loaded reward model and the name it answers to."""
+
+    rm: RewardModel
+    name: str
+    version: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def reward_stats(self) -> dict[str, float] | None:
+        stats = self.metadata.get("reward_stats")
+        if isinstance(stats, dict) and stats.get("std"):
+            return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+        return None
+
+
+@dataclass
+class _Request:
+    model: ServedModel
+    items: Sequence[Sequence[int]]
+    future: Future
+    scores: list[float | None]
+    remaining: int
+    enqueued_at: float
+
+
+class ScoringEngine:
+    def __init__(
+        self,
+        *,
+        max_batch_tokens: int,
+        max_batch_size: int,
+        max_queue: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.metrics = metrics or Metrics()
+        self._pending: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._recent_batch_seconds = 0.05  # for Retry-After; updated as batches run
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="generalrm-inference", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # ------------------------------------------------------------------ admission
+    def submit(self, model: ServedModel, items: Sequence[Sequence[int]]) -> Future:
+        """Queue encoded items; the future resolves to their scores in order."""
+        future: Future = Future()
+        if not items:
+            future.set_result([])
+            return future
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("scoring engine is stopped")
+            if len(self._pending) >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise Overloaded(
+                    f"{len(self._pending)} requests are already waiting (max_queue="
+                    f"{self.max_queue}); retry after the Retry-After delay",
+                    retry_after=self._recent_batch_seconds * 2,
+                )
+            self._pending.append(
+                _Request(model, items, future, [None] * len(items), len(items), time.monotonic())
+            )
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify()
+        return future
+
+    # ------------------------------------------------------------------ inference thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending:
+                    return
+                taken = list(self._pending)
+                self._pending.clear()
+                self.metrics.queue_depth.set(0)
+            by_model: dict[int, list[_Request]] = {}
+            for request in taken:
+                by_model.setdefault(id(request.model), []).append(request)
+            for requests in by_model.values():
+                self._score_requests(requests)
+
+    def plan_batches(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Indices of items grouped into batches: sorted by length, cut by budget and cap."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        batches: list[list[int]] = []
+        current: list[int] = []
+        for index in order:
+            width = lengths[index]  # ascending order: the newest item is the widest
+            if current and (
+                len(current) >= self.max_batch_size
+                or (len(current) + 1) * width > self.max_batch_tokens
+            ):
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _score_requests(self, requests: list[_Request]) -> None:
+        model = requests[0].model
+        flat = [(r, j, ids) for r in requests for j, ids in enumerate(r.items)]
+        for batch in self.plan_batches([len(ids) for _, _, ids in flat]):
+            live = [flat[i] for i in batch if not flat[i][0].future.done()]
+            if not live:
+                continue
+            started = time.perf_counter()
+            try:
+                scores = model.rm.score_ids([ids for _, _, ids in live])
+            except Exception as exc:  # a model failure fails its requests, not the thread
+                log.exception("forward pass failed")
+                for request, _, _ in live:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            elapsed = time.perf_counter() - started
+            self._recent_batch_seconds = 0.8 * self._recent_batch_seconds + 0.2 * elapsed
+            self.metrics.forward_seconds.observe(elapsed)
+            self.metrics.batch_size.observe(len(live))
+            self.metrics.batch_tokens.observe(len(live) * max(len(ids) for _, _, ids in live))
+            self.metrics.items.inc(len(live))
+            for (request, position, _), score in zip(live, scores, strict=True):
+                request.scores[position] = score
+                request.remaining -= 1
+                if request.remaining == 0 and not request.future.done():
+                    request.future.set_result(list(request.scores))

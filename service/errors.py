@@ -1,0 +1,152 @@
+"""The one place that maps error types to HTTP status codes (as TEI does).
+
+Every error body is ``{"error": {"type": str, "message": str}}``. Anything a client can get
+wrong is a 4xx that says what to fix; a 500 means a bug of ours.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from training.registry import ModelNotFoundError, RegistryError
+from training.reward_model import InputError, InputTooLongError
+from worker.client import JobStoreUnavailable, SpecError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status_code = 500
+    error_type = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class ModelNotServed(ApiError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    error_type = "not_found"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    error_type = "conflict"
+
+
+class InvalidInput(ApiError):
+    status_code = 422
+    error_type = "invalid_input"
+
+
+class Overloaded(ApiError):
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+class NotReady(ApiError):
+    status_code = 503
+    error_type = "not_ready"
+
+
+class BackendUnavailable(ApiError):
+    status_code = 503
+    error_type = "backend_unavailable"
+
+
+def error_response(status: int, error_type: str, message: str, headers=None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": error_type, "message": message}}, status_code=status, headers=headers
+    )
+
+
+def _describe_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or "body"
+        if err.get("type") == "json_invalid":
+            return f"request body is not valid JSON: {err.get('msg')}"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts) or "invalid request"
+
+
+_STATUS_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.error_type, exc.message, exc.headers)
+
+    @app.exception_handler(SpecError)
+    async def _spec(_request: Request, exc: SpecError) -> JSONResponse:
+        return error_response(422, "invalid_spec", str(exc))
+
+    @app.exception_handler(JobStoreUnavailable)
+    async def _job_store(_request: Request, exc: JobStoreUnavailable) -> JSONResponse:
+        return error_response(503, "job_store_unavailable", str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(ModelNotFoundError)
+    async def _model_missing(_request: Request, exc: ModelNotFoundError) -> JSONResponse:
+        return error_response(404, "model_not_found", str(exc))
+
+    @app.exception_handler(RegistryError)
+    async def _registry(_request: Request, exc: RegistryError) -> JSONResponse:
+        return error_response(422, "invalid_model_request", str(exc))
+
+    @app.exception_handler(InputTooLongError)
+    async def _too_long(_request: Request, exc: InputTooLongError) -> JSONResponse:
+        return error_response(422, "input_too_long", str(exc))
+
+    @app.exception_handler(InputError)
+    async def _input(_request: Request, exc: InputError) -> JSONResponse:
+        return error_response(422, "invalid_input", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type:
+            return error_response(
+                415,
+                "unsupported_media_type",
+                f"the body must be JSON sent with 'Content-Type: application/json' "
+                f"(got {content_type or 'no content type'!r})",
+            )
+        return error_response(422, "invalid_input", _describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = _STATUS_TYPES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")

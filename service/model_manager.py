@@ -1,0 +1,157 @@
+"""Which reward model is served: resolve a reference, load it off the event loop, warm it
+up, and swap it in atomically (requests already admitted keep the model they were given)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.engine import ServedModel
+from service.metrics import Metrics
+from training.registry import resolve_model
+from training.reward_model import RewardModel
+from training.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WARMUP_ITEMS = [
+    {"prompt": "Warm-up.", "response": "Ready."},
+    {"prompt": "A slightly longer warm-up prompt to exercise padding.", "response": "Done."},
+]
+
+
+@dataclass
+class ResolvedModel:
+    path: str
+    name: str
+    version: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_reference(reference: str, settings: Settings) -> ResolvedModel:
+    """Registry ``name[@version|:alias]`` first, then packaged short names, paths, hub ids."""
+    found = resolve_model(reference, settings.artifacts_dir)
+    if found.version is not None:
+        v = found.version
+        return ResolvedModel(str(v.path), v.name, v.version, dict(v.metadata))
+    local = Path(found.path)
+    if local.is_dir():
+        meta_file = local / "generalrm.json"
+        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        name = reference if reference != found.path else local.name
+        return ResolvedModel(found.path, name, "pretrained", metadata)
+    return ResolvedModel(found.path, reference, "hub", {})
+
+
+class ModelManager:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.reference = settings.model
+        self._current: ServedModel | None = None
+        self._lock = threading.Lock()
+        self.load_error: str | None = None
+        self.swap_error: str | None = None
+        self._failed_label: str | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    def load(self, reference: str) -> ServedModel:
+        """Resolve, load and warm a model (blocking: call from a thread)."""
+        resolved = resolve_reference(reference, self.settings)
+        rm = RewardModel.from_pretrained(
+            resolved.path,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            max_input_tokens=self.settings.max_input_tokens,
+            name=f"{resolved.name}@{resolved.version}",
+        )
+        rm.score(WARMUP_ITEMS)
+        return ServedModel(rm=rm, name=resolved.name, version=resolved.version, metadata=resolved.metadata)
+
+    def swap(self, served: ServedModel) -> None:
+        with self._lock:
+            previous = self._current
+            self._current = served
+        if previous is not None:
+            self.metrics.model_info.remove(previous.label)
+        self.metrics.model_info.labels(served.label).set(1)
+        log.info("serving %s", served.label)
+
+    def follows_registry(self) -> bool:
+        """A bare registry name or ``name:alias`` moves when a version is promoted;
+        ``name@version``, paths and hub ids are pinned."""
+        current = self._current
+        return current is not None and current.version not in ("pretrained", "hub") and (
+            "@" not in self.reference
+        )
+
+    def check_for_promotion(self) -> str | None:
+        """Swap in the version the reference now points to, if it moved. Blocking: runs in
+        the watcher thread. A version that fails to load is remembered and not retried until
+        the reference moves again; the old model keeps serving. Returns the outcome."""
+        if not self.follows_registry():
+            return None
+        try:
+            target = resolve_reference(self.reference, self.settings)
+        except Exception as exc:  # a deleted alias must not take the server down
+            log.warning("cannot resolve %s: %s", self.reference, exc)
+            return None
+        current = self._current
+        label = f"{target.name}@{target.version}"
+        if current is not None and label == current.label:
+            return None
+        if label == self._failed_label:
+            return None
+        try:
+            served = self.load(self.reference)
+        except Exception as exc:
+            self._failed_label = label
+            self.swap_error = f"could not load {label}: {type(exc).__name__}: {exc}"
+            log.exception("promotion to %s failed; still serving %s", label, current and current.label)
+            self.metrics.model_swaps.labels("failed").inc()
+            return "failed"
+        self.swap(served)
+        self._failed_label = None
+        self.swap_error = None
+        self.metrics.model_swaps.labels("swapped").inc()
+        return "swapped"
+
+    def start_watching(self) -> None:
+        def watch() -> None:
+            while not self._stop.wait(self.settings.model_poll_seconds):
+                try:
+                    if self._current is None:
+                        self.load_initial()  # e.g. the first version is published later
+                    else:
+                        self.check_for_promotion()
+                except Exception:  # the watcher outlives any single bad poll
+                    log.exception("model watcher poll failed")
+
+        self._watcher = threading.Thread(target=watch, name="generalrm-model-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+
+    def load_initial(self) -> None:
+        try:
+            self.swap(self.load(self.reference))
+            self.load_error = None
+        except Exception as exc:
+            log.exception("could not load model %s", self.reference)
+            self.load_error = f"could not load model {self.reference!r}: {type(exc).__name__}: {exc}"

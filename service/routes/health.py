@@ -1,0 +1,24 @@
+"""GET /health (process up) and GET /ready (model loaded and warmed)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import ManagerDep
+from service.errors import NotReady
+
+router = APIRouter()
+ready_router = APIRouter()  # behind the API key, unlike /health
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@ready_router.get("/ready")
+async def ready(manager: ManagerDep) -> dict[str, str]:
+    current = manager.current
+    if current is None:
+        raise NotReady(manager.load_error or f"loading model {manager.reference!r}")
+    return {"status": "ready", "model": current.label}

@@ -1,0 +1,79 @@
+"""POST /preference — pairwise P(a ≻ b) under Bradley–Terry."""
+
+from __future__ import annotations
+
+import math
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
+from service.routes.score import Message, Usage
+from service.scoring import check_item_count, encode_and_score
+
+
+class PromptPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    a: str
+    b: str
+
+
+class ConversationPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages_a: list[Message] = Field(min_length=1)
+    messages_b: list[Message] = Field(min_length=1)
+
+
+class PreferenceRequest(BaseModel):
+    items: list[PromptPair | ConversationPair] = Field(min_length=1)
+    model: str | None = None
+    truncate: bool = True
+
+
+class PreferenceResult(BaseModel):
+    reward_a: float
+    reward_b: float
+    p_a_over_b: float
+
+
+class PreferenceResponse(BaseModel):
+    model: str
+    results: list[PreferenceResult]
+    usage: Usage
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def _sides(item: PromptPair | ConversationPair) -> tuple[dict, dict]:
+    if isinstance(item, PromptPair):
+        return {"prompt": item.prompt, "response": item.a}, {"prompt": item.prompt, "response": item.b}
+    return (
+        {"messages": [m.model_dump() for m in item.messages_a]},
+        {"messages": [m.model_dump() for m in item.messages_b]},
+    )
+
+
+router = APIRouter()
+
+
+@router.post("/preference", response_model=PreferenceResponse)
+async def preference(
+    body: PreferenceRequest, engine: EngineDep, manager: ManagerDep, settings: SettingsDep
+) -> PreferenceResponse:
+    check_item_count(2 * len(body.items), settings.max_items)
+    model = served_model(manager, body.model)
+    sides = [side for item in body.items for side in _sides(item)]
+    rewards, tokens = await encode_and_score(
+        engine, model, sides, lambda side: model.rm.encode(side, truncate=body.truncate)
+    )
+    results = [
+        PreferenceResult(reward_a=a, reward_b=b, p_a_over_b=_sigmoid(a - b))
+        for a, b in zip(rewards[0::2], rewards[1::2], strict=True)
+    ]
+    return PreferenceResponse(model=model.label, results=results, usage=Usage(tokens=tokens))

@@ -1,0 +1,47 @@
+"""What the scoring routes share: tokenize in the thread pool, score through the engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from service.engine import ScoringEngine, ServedModel
+from service.errors import InvalidInput
+
+
+def check_item_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise InvalidInput(
+            f"{count} items in one request, more than GENERALRM_MAX_ITEMS={limit}; split the request"
+        )
+
+
+async def score_encoded(
+    engine: ScoringEngine, model: ServedModel, encoded: Sequence[Sequence[int]]
+) -> list[float]:
+    return await asyncio.wrap_future(engine.submit(model, encoded))
+
+
+async def encode_and_score(
+    engine: ScoringEngine,
+    model: ServedModel,
+    payloads: Sequence[Any],
+    encode: Callable[[Any], list[int]],
+) -> tuple[list[float], int]:
+    """Scores in input order and the number of tokens scored."""
+    encoded = await run_in_threadpool(lambda: [encode(p) for p in payloads])
+    scores = await score_encoded(engine, model, encoded)
+    return scores, sum(len(ids) for ids in encoded)
+
+
+def normalize(scores: list[float], model: ServedModel) -> list[float]:
+    stats = model.reward_stats
+    if stats is None:
+        raise InvalidInput(
+            f"model {model.label} has no stored reward statistics, so normalize=true is not "
+            "possible; train it through generalrm (train_rm) or send normalize=false"
+        )
+    return [(s - stats["mean"]) / stats["std"] for s in scores]

@@ -1,0 +1,171 @@
+"""The API with a real worker and real Redis: jobs over HTTP, promotion while scoring,
+a broken version, and a Redis outage that jobs notice and scoring does not."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import live_server
+from tests.worker.harness import JobHarness, wait_for, write_tiny_preferences
+from training.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+ITEM = {"prompt": "how are you today?", "response": "good great nice"}
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_server, tiny_encoder_rm: Path) -> Iterator[tuple[JobHarness, str]]:
+    """Worker + API sharing Redis, artifacts and data dir; the API serves ``rm:production``
+    whose first version (v1) is the untrained tiny encoder."""
+    harness = JobHarness(tmp_path, redis_server.url)
+    write_tiny_preferences(harness.data_dir / "train.jsonl", 48, seed=0)
+    write_tiny_preferences(harness.data_dir / "eval.jsonl", 16, seed=1)
+    registry = Registry.from_artifacts(harness.artifacts)
+    registry.publish("rm", tiny_encoder_rm, {"kind": "reward_model", "algorithm": "none"})
+    registry.set_alias("rm", "production", "v1")
+    s = harness.settings
+    with live_server(
+        model="rm:production", redis_url=s.redis_url, artifacts_dir=s.artifacts_dir,
+        data_dir=s.data_dir, enable_diagnostic_jobs=True, model_poll_seconds=0.2,
+        job_max_attempts=s.job_max_attempts, job_stale_seconds=s.job_stale_seconds,
+    ) as server:
+        yield harness, server.url
+    harness.close()
+
+
+def _score(url: str, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/score", json={"items": [ITEM], **extra}, timeout=60)
+
+
+def test_train_rm_over_http_then_promote_while_scoring(stack) -> None:
+    harness, url = stack
+    worker = harness.start_worker()
+    assert _score(url).json()["model"] == "rm@v1"
+
+    spec = {"train_file": "train.jsonl", "eval_file": "eval.jsonl", "model": "rm@v1", "name": "rm",
+            "params": {"max_steps": 120, "batch_size": 4, "max_length": 32, "learning_rate": 1e-3,
+                       "warmup_ratio": 0.0, "checkpoint_every": 40, "device": "cpu"}}
+    submitted = httpx.post(f"{url}/jobs", json={"kind": "train_rm", "spec": spec})
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["job_id"]
+    assert submitted.json()["status_url"].endswith(f"/jobs/{job_id}")
+    statuses, steps = [], []
+
+    def finished():
+        record = httpx.get(f"{url}/jobs/{job_id}").json()
+        statuses.append(record["status"])
+        if record["status"] == "running":
+            steps.append(record["progress"].get("step") or 0)
+        return record if record["status"] in ("succeeded", "failed", "cancelled") else None
+
+    record = wait_for(finished, 300, "train_rm did not finish", worker, interval=0.05)
+    assert record["status"] == "succeeded", record["error"]
+    assert statuses[0] in ("queued", "running") and "running" in statuses
+    assert len(set(steps)) >= 2 and steps == sorted(steps)
+    assert record["artifacts"]["model"] == "rm@v2"
+    assert any(j["id"] == job_id for j in httpx.get(f"{url}/jobs").json()["jobs"])
+
+    models = httpx.get(f"{url}/models").json()
+    (rm,) = [m for m in models["models"] if m["name"] == "rm"]
+    assert [v["version"] for v in rm["versions"]] == ["v1", "v2"]
+    assert rm["aliases"] == {"production": "v1", "latest": "v2"}
+    assert models["served"] == "rm@v1"  # latest moved; production (what we serve) did not
+
+    before = _score(url).json()["rewards"][0]
+    errors: list[str] = []
+    seen: set[str] = set()
+    stop = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                response = client.post(f"{url}/score", json={"items": [ITEM] * 4})
+                if response.status_code != 200:
+                    errors.append(response.text)
+                else:
+                    seen.add(response.json()["model"])
+
+    streams = [threading.Thread(target=stream) for _ in range(3)]
+    for t in streams:
+        t.start()
+    try:
+        promoted = httpx.post(f"{url}/models/rm/aliases/production", json={"version": "v2"}, timeout=120)
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["served"] == "rm@v2" and promoted.json()["swap"] == "swapped"
+        wait_for(lambda: "rm@v2" in seen, 30, "the stream never saw rm@v2")
+    finally:
+        stop.set()
+        for t in streams:
+            t.join()
+    assert errors == []
+    assert seen == {"rm@v1", "rm@v2"}
+    after = _score(url).json()
+    assert after["model"] == "rm@v2" and after["rewards"][0] != pytest.approx(before, abs=1e-6)
+
+    # a trained version carries reward statistics: normalize works and means (r - mu) / sigma
+    stats = Registry.from_artifacts(harness.artifacts).resolve("rm@v2").reward_stats
+    normalized = _score(url, normalize=True).json()["rewards"][0]
+    assert normalized == pytest.approx((after["rewards"][0] - stats["mean"]) / stats["std"], rel=1e-5)
+
+    # roll back
+    rolled = httpx.post(f"{url}/models/rm/aliases/production", json={"version": 1}, timeout=120).json()
+    assert rolled["served"] == "rm@v1" and _score(url).json()["model"] == "rm@v1"
+
+
+def test_a_broken_version_fails_to_load_and_the_old_one_keeps_serving(stack, tmp_path) -> None:
+    harness, url = stack
+    broken_source = tmp_path / "broken"
+    shutil.copytree(Registry.from_artifacts(harness.artifacts).resolve("rm@v1").path, broken_source)
+    weights = next(broken_source.glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    Registry.from_artifacts(harness.artifacts).publish("rm", broken_source, {"kind": "reward_model"})
+
+    response = httpx.post(f"{url}/models/rm/aliases/production", json={"version": "v2"}, timeout=120)
+    assert response.status_code == 200
+    assert response.json()["swap"] == "failed" and "rm@v2" in response.json()["swap_error"]
+    assert response.json()["served"] == "rm@v1"
+    assert _score(url).json()["model"] == "rm@v1"
+    assert httpx.get(f"{url}/ready").status_code == 200
+    assert httpx.get(f"{url}/models").json()["swap_error"]
+
+
+def test_bad_specs_are_422_and_unknown_jobs_404(stack) -> None:
+    _, url = stack
+    cases = [
+        ({"kind": "bake_cake", "spec": {}}, "unknown job kind"),
+        ({"kind": "train_rm", "spec": {}}, "train_file"),
+        ({"kind": "train_rm", "spec": {"train_file": "missing.jsonl"}}, "missing.jsonl"),
+        ({"kind": "train_rm", "spec": {"train_file": "../../etc/passwd"}}, "data"),
+        ({"kind": "train_rm", "spec": {"train_file": "train.jsonl", "params": {"learning_rat": 1}}}, "learning_rat"),
+        ({"kind": "train_rm", "spec": {"train_file": "train.jsonl", "params": {"batch_size": -3}}}, "batch_size"),
+        ({"kind": "train_rm", "spec": {"train_file": "train.jsonl", "model": "nope@v7"}}, "nope"),
+    ]
+    for body, fragment in cases:
+        response = httpx.post(f"{url}/jobs", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert fragment in response.json()["error"]["message"], (body, response.text)
+    assert httpx.get(f"{url}/jobs").json()["jobs"] == []  # nothing was accepted
+    assert httpx.get(f"{url}/jobs/not-a-job").status_code == 404
+    assert httpx.delete(f"{url}/jobs/not-a-job").status_code == 404
+
+
+def test_redis_outage_leaves_scoring_up_and_job_routes_503(stack, redis_server) -> None:
+    _, url = stack
+    assert httpx.get(f"{url}/jobs").status_code == 200
+    redis_server.stop()
+    try:
+        assert _score(url).status_code == 200
+        for response in (httpx.get(f"{url}/jobs"), httpx.post(f"{url}/jobs", json={"kind": "train_rm", "spec": {"train_file": "train.jsonl"}})):
+            assert response.status_code == 503, response.text
+            assert "Redis" in response.json()["error"]["message"]
+        assert _score(url).status_code == 200
+    finally:
+        redis_server.start()
+    wait_for(lambda: httpx.get(f"{url}/jobs").status_code == 200, 30, "job routes did not come back")

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tests.training.test_rm_trainer import (  # noqa: F401 (fixture)
+    one_torch_thread,
+    sentiment_pairs,
+    write_jsonl,
+)
+from training.__main__ import app, load_config, parse_overrides
+from training.reward_model import RewardModel
+from training.rm_trainer import ConfigError, RMTrainConfig
+from training.strength import StrengthConfig
+
+runner = CliRunner()
+
+
+def test_overrides_are_yaml_typed_and_nest() -> None:
+    assert parse_overrides(["max_steps=3", "learning_rate=1e-4", "eval_file=null",
+                            "trainer_options.warmup_ratio=0.0", "model=minilm"]) == {
+        "max_steps": 3, "learning_rate": "1e-4", "eval_file": None,
+        "trainer_options": {"warmup_ratio": 0.0}, "model": "minilm"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_config_file_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train_file": "t.jsonl", "learning_rate": "5e-5",
+                                    "trainer_options": {"warmup_ratio": 0.2}}))
+    cfg = load_config(StrengthConfig, path, ["trainer_options.lora_r=4", "num_models=3"])
+    assert cfg.learning_rate == 5e-5 and cfg.num_models == 3
+    assert cfg.trainer_options == {"warmup_ratio": 0.2, "lora_r": 4}
+
+
+def test_examples_are_valid_configs() -> None:
+    root = Path(__file__).resolve().parents[2] / "examples" / "configs"
+    assert RMTrainConfig.from_dict(yaml.safe_load((root / "train_rm.yaml").read_text()))
+    assert StrengthConfig.from_dict(yaml.safe_load((root / "strength.yaml").read_text()))
+
+
+def test_train_rm_command_trains_and_prints_metrics(tiny_encoder_rm, tmp_path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(8))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_encoder_rm), "train_file": str(train),
+                                      "output_dir": str(tmp_path / "run"), "device": "cpu",
+                                      "max_length": 64, "max_steps": 50}))
+    result = runner.invoke(app, ["train-rm", "--config", str(config), "--set", "max_steps=2",
+                                 "--set", "batch_size=4"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout[result.stdout.index("{"):])
+    assert payload["steps"] == 2 and payload["metrics"]["steps"] == 2
+    RewardModel.from_pretrained(payload["model_dir"], device="cpu")
+
+
+def test_bad_key_exits_with_its_name(tmp_path) -> None:
+    result = runner.invoke(app, ["train-rm", "--set", "train_file=x.jsonl", "--set", "lr=1"])
+    assert result.exit_code == 2
+    assert "lr" in result.output and "unknown" in result.output
+
+
+def test_dry_run_prints_the_resolved_config_and_help_lists_defaults() -> None:
+    result = runner.invoke(app, ["strength", "--set", "train_file=x.jsonl", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_models"] == 5
+    helped = runner.invoke(app, ["train-rm", "--help"])
+    assert "label_smoothing" in helped.output and "simcse_temperature" in helped.output
+
+
+def test_strength_command(tiny_encoder_rm, tmp_path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(8))
+    result = runner.invoke(app, [
+        "strength", "--set", f"train_file={train}", "--set", f"model={tiny_encoder_rm}",
+        "--set", f"output_dir={tmp_path / 'ens'}", "--set", "num_models=2",
+        "--set", "max_steps=1", "--set", "device=cpu", "--set", "max_length=64"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "train.strength.jsonl").is_file()
+    assert (tmp_path / "ens" / "strength_summary.png").is_file()

@@ -1,0 +1,77 @@
+"""Specs are validated at submission: a bad one is a SpecError saying what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.worker.harness import write_tiny_preferences
+from training.settings import Settings
+from worker.client import JobClient, SpecError
+
+
+@pytest.fixture
+def client(tmp_path: Path, tiny_encoder_rm: Path) -> JobClient:
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    write_tiny_preferences(data / "train.jsonl", 8, seed=0)
+    write_tiny_preferences(data / "sub" / "eval.jsonl", 4, seed=1)
+    (data / "broken.jsonl").write_text('{"prompt": "p", "chosen": "c"}\n')
+    (data / "not-json.jsonl").write_text("prompt,chosen,rejected\n")
+    write_tiny_preferences(tmp_path / "outside.jsonl", 4, seed=2)
+    # nothing listens on port 1: submission must fail on the spec before touching Redis
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", artifacts_dir=tmp_path / "artifacts",
+                        data_dir=data)
+    return JobClient(settings)
+
+
+def _spec(tiny_encoder_rm: Path, **changes) -> dict:
+    spec = {"train_file": "train.jsonl", "eval_file": "sub/eval.jsonl",
+            "model": str(tiny_encoder_rm), "name": "rm", "params": {"max_steps": 3}}
+    spec.update(changes)
+    return {k: v for k, v in spec.items() if v is not ...}
+
+
+def test_a_good_spec_gets_its_defaults(client: JobClient, tiny_encoder_rm: Path) -> None:
+    spec = client.validate("train_rm", {"train_file": "train.jsonl"})
+    assert spec == {"train_file": "train.jsonl", "eval_file": None, "model": "minilm",
+                    "name": "rm", "params": {}}
+    assert client.validate("train_rm", _spec(tiny_encoder_rm))["eval_file"] == "sub/eval.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "says"),
+    [
+        ("train_rm_v2", {}, "unknown job kind"),
+        ("sleep_steps", {}, "unknown job kind"),  # diagnostic kinds are off by default
+        ("train_rm", {"epochs": 2}, "unknown spec key"),
+        ("train_rm", {"train_file": ...}, "train_file: required"),
+        ("train_rm", {"train_file": "missing.jsonl"}, "does not exist"),
+        ("train_rm", {"train_file": "../outside.jsonl"}, "outside the data directory"),
+        ("train_rm", {"train_file": "/etc/passwd"}, "outside the data directory"),
+        ("train_rm", {"eval_file": "sub/../../outside.jsonl"}, "outside the data directory"),
+        ("train_rm", {"train_file": "broken.jsonl"}, "lacks string field"),
+        ("train_rm", {"train_file": "not-json.jsonl"}, "is not JSON"),
+        ("train_rm", {"train_file": 3}, "train_file"),
+        ("train_rm", {"params": {"max_step": 3}}, "max_step"),
+        ("train_rm", {"params": {"learning_rate": "fast"}}, "learning_rate"),
+        ("train_rm", {"params": {"batch_size": 0}}, "batch_size"),
+        ("train_rm", {"params": {"output_dir": "/tmp/x"}}, "set by the spec"),
+        ("train_rm", {"params": {"strength_file": "../outside.jsonl"}}, "outside the data"),
+        ("train_rm", {"params": []}, "params"),
+        ("train_rm", {"name": "../../etc"}, "name"),
+        ("train_rm", {"model": "rm@v7"}, "model"),
+        ("train_rm", {"model": "/no/such/model/dir"}, "not a directory"),
+    ],
+)
+def test_bad_specs_raise_spec_error(client: JobClient, tiny_encoder_rm: Path,
+                                    kind: str, changes: dict, says: str) -> None:
+    with pytest.raises(SpecError, match=says):
+        client.submit(kind, _spec(tiny_encoder_rm, **changes))
+
+
+def test_a_spec_must_be_an_object(client: JobClient) -> None:
+    with pytest.raises(SpecError, match="JSON object"):
+        client.submit("train_rm", ["train.jsonl"])
+    assert issubclass(SpecError, ValueError)

@@ -1,0 +1,153 @@
+"""Training CLI: ``python -m training <command> --config FILE.yaml [--set key=value ...]``.
+
+Every command is a trainer registered with one line::
+
+    register_trainer("train-rm", RMTrainConfig, RMTrainer, "Train a Bradley–Terry reward model.")
+
+and gets the same options: ``--config`` (YAML mapping of the config dataclass's fields),
+``--set key=value`` (repeatable; values parsed as YAML, ``a.b=v`` sets a key of a mapping
+field), ``--dry-run`` (print the resolved config and exit). ``--help`` lists every field
+with its default. Ctrl-C asks the trainer to checkpoint and stop; the same command resumes.
+The final metrics are printed as JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from training.callbacks import TqdmCallback, TrainingCancelled
+from training.rm_trainer import ConfigError, RMTrainConfig, RMTrainer
+from training.strength import StrengthConfig, StrengthTrainer
+
+app = typer.Typer(
+    help="generalrm training: every algorithm from its config file, without the service.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "trainer_options.seed=3"]`` → ``{"lr": 1e-4, "trainer_options": {"seed": 3}}``."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        value = yaml.safe_load(raw) if raw else ""
+        *parents, leaf = key.split(".")
+        target = values
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return values
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(config_cls: type, path: Path | None, overrides: list[str]) -> Any:
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        values = loaded or {}
+    return config_cls.from_dict(merge(values, parse_overrides(overrides)))
+
+
+def describe_fields(config_cls: type) -> str:
+    lines = []
+    for f in dataclasses.fields(config_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        lines.append(f"{f.name} = {default!r}")
+    return "Config keys (defaults):\n\n" + "\n\n".join(lines)
+
+
+class InterruptibleProgress(TqdmCallback):
+    """Progress bar; the first Ctrl-C asks the trainer to checkpoint and stop."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.stop_requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> InterruptibleProgress:
+        self._previous = signal.signal(signal.SIGINT, self._request_stop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _request_stop(self, _signum: int, _frame: Any) -> None:
+        if self.stop_requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nstopping after this step (Ctrl-C again to abort without a checkpoint)",
+              file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+
+def register_trainer(name: str, config_cls: type, trainer_cls: type, help_text: str) -> None:
+    """Add ``python -m training <name>`` running ``trainer_cls(config_cls(...)).train()``."""
+
+    def command(
+        config: Path = typer.Option(None, "--config", "-c", help="YAML file of config keys."),
+        set_: list[str] = typer.Option([], "--set", "-s", help="Override: key=value (repeatable)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
+    ) -> None:
+        try:
+            resolved = load_config(config_cls, config, set_)
+        except (ConfigError, OSError, yaml.YAMLError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if dry_run:
+            typer.echo(json.dumps(dataclasses.asdict(resolved), indent=2))
+            return
+        try:
+            with InterruptibleProgress(name) as progress:
+                result = trainer_cls(resolved, callback=progress).train()
+        except TrainingCancelled as exc:
+            typer.echo(f"cancelled at step {exc.step}; checkpoint {exc.checkpoint}. "
+                       "Run the same command again to resume.", err=True)
+            raise typer.Exit(130) from None
+        payload = {k: str(v) if isinstance(v, Path) else v
+                   for k, v in vars(result).items() if k != "summary"}
+        typer.echo(json.dumps(payload, indent=2, default=str))
+
+    app.command(name, help=f"{help_text}\n\n{describe_fields(config_cls)}")(command)
+
+
+register_trainer("train-rm", RMTrainConfig, RMTrainer,
+                 "Train a Bradley–Terry reward model (Secrets of RLHF II options).")
+register_trainer("strength", StrengthConfig, StrengthTrainer,
+                 "Estimate preference strength (μ̂, σ̂) of training pairs with an RM ensemble.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

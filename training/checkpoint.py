@@ -1,0 +1,177 @@
+"""Atomic training checkpoints: model, optimizer, scheduler, step, config and RNG.
+
+Layout under a run directory::
+
+    checkpoints/step-000120/   state.pt, trainable.safetensors, config.json, MANIFEST.json
+    checkpoints/LATEST         name of the newest complete checkpoint
+
+A checkpoint is written into ``step-XXXXXX.tmp`` and renamed into place once complete, the
+manifest written last; a crash mid-write leaves a ``.tmp`` directory that is ignored and
+removed. Resume = :func:`load_latest`, which only ever returns complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "MANIFEST.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (all of them, or the LoRA ones): small checkpoints."""
+    return {
+        name: param.detach().to("cpu").contiguous()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def save_checkpoint(
+    run_dir: Path | str,
+    *,
+    step: int,
+    model: torch.nn.Module | dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    config: Any = None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write a complete checkpoint atomically and return its directory."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:09d}"
+    tmp = root / f"{name}.tmp"
+    final = root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    models = model if isinstance(model, dict) else {"model": model}
+    for key, module in models.items():
+        save_file(trainable_state(module), str(tmp / f"{key}.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        tmp / "state.pt",
+    )
+    if config is not None:
+        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+        write_json_atomic(tmp / "config.json", cfg)
+    write_json_atomic(
+        tmp / MANIFEST,
+        {"step": step, "models": sorted(models), "created_at": time.time()},
+    )
+    if final.exists():  # a re-run of the same step after a crash: replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    (root / ".LATEST.tmp").write_text(name)
+    os.replace(root / ".LATEST.tmp", root / "LATEST")
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: Path | str) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.endswith(".tmp") and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_latest(run_dir: Path | str) -> Path | None:
+    """The newest complete checkpoint of a run, or None; stale ``.tmp`` dirs are removed."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for stale in root.glob("*.tmp"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def restore_checkpoint(
+    checkpoint: Path | str,
+    *,
+    model: torch.nn.Module | dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into live objects; returns ``{"step", "extra"}``."""
+    checkpoint = Path(checkpoint)
+    models = model if isinstance(model, dict) else {"model": model}
+    for key, module in models.items():
+        tensors = load_file(str(checkpoint / f"{key}.safetensors"))
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    if optimizer is not None and state["optimizer"] is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return {"step": state["step"], "extra": state["extra"]}

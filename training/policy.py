@@ -1,0 +1,381 @@
+"""A causal-LM policy π_θ: load by reference, optional LoRA, sample, and score log π(y|x).
+
+Used by OOD-PL meta-training (the inner loop's policy), meta-test adaptation and DPO.
+``sequence_logprobs`` is differentiable and can run on substituted parameters
+(``params=``, through :func:`torch.func.functional_call`) so that callers can evaluate the
+policy at snapshots θ_t, differentiate through an unrolled inner loop, or take a
+forward-mode directional derivative with :func:`torch.func.jvp`.
+
+Prompts are rendered with the tokenizer's chat template (a user turn plus the generation
+prompt) when it has one and plain text otherwise; a response is the assistant's text,
+followed by EOS under a chat template (the end of the turn is part of the answer) and not
+in plain-text mode (a continuation has no natural end).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from training.models import resolve_pretrained
+from training.reward_model import pick_device, pick_dtype
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "generalrm.json"
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft). Dropout defaults to 0 so log π is deterministic."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+@dataclass
+class PolicyBatch:
+    """Right-padded prompt+response token ids and a mask of the response tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor  # 1 where the token is part of the response (a target)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class Policy:
+    """A causal LM and its tokenizer; ``model`` is a peft model when LoRA is on."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        reference: str = "",
+        chat_template: bool | None = None,
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 256,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reference = reference
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = has_template if chat_template is None else chat_template
+        if self.use_chat_template and not has_template:
+            raise ValueError(f"{reference}: chat_template=True but the tokenizer has none")
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_response_tokens = max_response_tokens
+        if tokenizer.pad_token_id is None:
+            # Padding is always masked, so any id serves; EOS is what generate() expects.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        reference: str | Path,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        lora: LoraSpec | None = None,
+        chat_template: bool | None = None,
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 256,
+        artifacts_dir: str | Path = "artifacts",
+        trainable: bool = True,
+        seed: int = 0,
+        attn_implementation: str | None = "eager",
+    ) -> Policy:
+        """Load a causal LM (a short name, local dir or hub id, or a saved LoRA adapter dir).
+
+        ``lora`` adds a fresh adapter (seeded); a directory holding ``adapter_config.json``
+        loads its base model and that adapter. Eager attention is the default because
+        forward-mode AD and double backward are supported there on every backend.
+        """
+        path = resolve_pretrained(str(reference), artifacts_dir)
+        torch_device = pick_device(device)
+        torch_dtype = pick_dtype(dtype, torch_device)
+        kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        adapter_config = Path(path) / "adapter_config.json"
+        if adapter_config.is_file():
+            from peft import PeftModel
+
+            base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+            model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
+            if lora is not None:
+                raise ValueError(f"{path} already holds a LoRA adapter; pass lora=None")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if lora is not None:
+                model = add_lora(model, lora, seed=seed)
+            elif not trainable:
+                model.requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model.to(torch_device).eval()
+        return cls(
+            model,
+            tokenizer,
+            reference=str(reference),
+            chat_template=chat_template,
+            max_prompt_tokens=max_prompt_tokens,
+            max_response_tokens=max_response_tokens,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """θ: the LoRA parameters, or every parameter when fully fine-tuned."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ text -> ids
+    def prompt_ids(self, prompt: str) -> list[int]:
+        tok = self.tokenizer
+        if self.use_chat_template:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            has_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
+            ids = tok(text, add_special_tokens=not has_bos)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        if len(ids) > self.max_prompt_tokens:  # keep the end of the prompt, next to the answer
+            lead = 1 if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else 0
+            ids = ids[:lead] + ids[len(ids) - (self.max_prompt_tokens - lead) :]
+        return ids
+
+    def response_ids(self, response: str) -> list[int]:
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        ids = ids[: self.max_response_tokens]
+        eos = self.tokenizer.eos_token_id
+        if self.use_chat_template and eos is not None:
+            ids = [*ids, eos]
+        return ids
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> PolicyBatch:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rows = [(self.prompt_ids(p), self.response_ids(r)) for p, r in zip(prompts, responses, strict=True)]
+        width = max(len(p) + len(r) for p, r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        response_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            input_ids[i, : len(p) + len(r)] = torch.as_tensor(p + r, dtype=torch.long)
+            attention[i, : len(p) + len(r)] = 1
+            response_mask[i, len(p) : len(p) + len(r)] = 1
+        device = self.device
+        return PolicyBatch(input_ids.to(device), attention.to(device), response_mask.to(device))
+
+    # ------------------------------------------------------------------ log-likelihoods
+    def batch_logprobs(
+        self, batch: PolicyBatch, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """log π(y|x) summed over response tokens, shape (B,), differentiable.
+
+        ``params`` substitutes some of the model's parameters (by ``named_parameters``
+        name) for this call only; the others are the module's own.
+        """
+        inputs = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "use_cache": False,
+        }
+        if params is None:
+            logits = self.model(**inputs).logits
+        else:
+            logits = torch.func.functional_call(self.model, dict(params), args=(), kwargs=inputs).logits
+        logits = logits[:, :-1]
+        targets = batch.input_ids[:, 1:]
+        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        mask = batch.response_mask[:, 1:].to(token_logp.dtype)
+        return (token_logp * mask).sum(dim=1)
+
+    def sequence_logprobs(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return self.batch_logprobs(self.encode(prompts, responses), params)
+
+    @torch.no_grad()
+    def logprobs_chunked(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        *,
+        batch_size: int = 16,
+        reference: bool = False,
+    ) -> torch.Tensor:
+        """Non-differentiable log π(y|x) in chunks; ``reference=True`` disables the adapter."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            batch = self.encode(prompts[start : start + batch_size], responses[start : start + batch_size])
+            if reference:
+                with self.reference_mode():
+                    out.append(self.batch_logprobs(batch))
+            else:
+                out.append(self.batch_logprobs(batch))
+        if not out:
+            return torch.zeros(0)
+        return torch.cat(out).float().cpu()
+
+    def reference_mode(self):
+        """Context in which the model is π_ref: the LoRA adapter disabled."""
+        if not self.is_lora:
+            raise ValueError("reference log-probs need a LoRA policy (or a separate reference)")
+        return self.model.disable_adapter()
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        k: int = 1,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> list[list[str]]:
+        """k responses per prompt (``temperature=0``: greedy, k copies), in prompt order."""
+        tok = self.tokenizer
+        was_training = self.model.training
+        self.model.eval()
+        results: list[list[str]] = []
+        prompts_per_call = max(1, batch_size // max(k, 1))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), prompts_per_call):
+                chunk = [self.prompt_ids(p) for p in prompts[start : start + prompts_per_call]]
+                width = max(len(ids) for ids in chunk)
+                input_ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for i, ids in enumerate(chunk):  # left padding: generation continues every row
+                    input_ids[i, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
+                    attention[i, width - len(ids) :] = 1
+                sampling = temperature > 0
+                generated = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    do_sample=sampling,
+                    temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None,
+                    top_k=0 if sampling else None,
+                    num_return_sequences=k if sampling else 1,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+                if not sampling:  # greedy: one decode per prompt, repeated
+                    texts = [t for t in texts for _ in range(k)]
+                for i in range(len(chunk)):
+                    results.append([t.strip() for t in texts[i * k : (i + 1) * k]])
+        self.model.train(was_training)
+        return results
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        merge: bool = False,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Save the adapter (or, with ``merge``, a merged full model) + tokenizer + metadata."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.is_lora and merge:
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(str(directory), safe_serialization=True)
+        else:
+            self.model.save_pretrained(str(directory), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(directory))
+        info = {
+            "kind": "policy",
+            "base_model": self.reference,
+            "lora": self.is_lora and not merge,
+            "merged": self.is_lora and merge,
+            "chat_template": self.use_chat_template,
+            "created_at": time.time(),
+            **(metadata or {}),
+        }
+        (directory / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        return directory
+
+
+def add_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> torch.nn.Module:
+    """Wrap ``model`` with a fresh, seeded LoRA adapter; only the adapter trains."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def lora_from_fields(r: int, alpha: int, targets: list[str] | None) -> LoraSpec | None:
+    """Config fields → LoraSpec; ``r == 0`` means full fine-tuning (no adapter)."""
+    return LoraSpec(r=r, alpha=alpha, target_modules=targets) if r > 0 else None
+
+
+def kl_estimate(
+    policy: Policy,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    reference: Policy | None = None,
+    *,
+    batch_size: int = 16,
+) -> float:
+    """Monte-Carlo KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)] over samples of π.
+
+    ``responses`` must be samples of ``policy``; ``reference=None`` means the policy with
+    its LoRA adapter disabled.
+    """
+    if not prompts:
+        return 0.0
+    logp = policy.logprobs_chunked(prompts, responses, batch_size=batch_size)
+    if reference is None:
+        ref = policy.logprobs_chunked(prompts, responses, batch_size=batch_size, reference=True)
+    else:
+        ref = reference.logprobs_chunked(prompts, responses, batch_size=batch_size)
+    return float((logp - ref).mean())
+
+
+def spec_dict(spec: LoraSpec | None) -> dict[str, Any] | None:
+    return asdict(spec) if spec is not None else None

@@ -1,0 +1,53 @@
+"""The job kind table: one place mapping a kind to its queue, spec validator and runner.
+
+Adding a kind (``strength``, ``meta_train``, ``metarm``, ``adapt``) = a module under
+``worker/jobs/`` with ``validate(spec, ValidationContext) -> spec`` (torch-free: it runs in
+the API at submission) and ``run(JobContext) -> JobOutcome`` (runs in a fresh worker
+process; import torch inside it), plus one line in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worker.jobs import diagnostic, train_rm
+from worker.specs import JobContext, JobOutcome, ValidationContext
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    queue: str  # "train" or "adapt"
+    validate: Callable[[Any, ValidationContext], dict[str, Any]]
+    run: Callable[[JobContext], JobOutcome]
+    description: str
+
+
+KINDS: dict[str, JobKind] = {
+    train_rm.KIND: JobKind(
+        train_rm.KIND, "train", train_rm.validate, train_rm.run,
+        "Bradley-Terry RM training on a preference JSONL; publishes a new RM version",
+    ),
+}
+
+# Only with GENERALRM_ENABLE_DIAGNOSTIC_JOBS: they exist to test the job machinery.
+DIAGNOSTIC_KINDS: dict[str, JobKind] = {
+    diagnostic.KIND: JobKind(
+        diagnostic.KIND, "train", diagnostic.validate, diagnostic.run,
+        "counts steps with a checkpoint per step (optionally crashing its worker)",
+    ),
+}
+
+
+def available_kinds(diagnostics: bool = False) -> dict[str, JobKind]:
+    return {**KINDS, **DIAGNOSTIC_KINDS} if diagnostics else dict(KINDS)
+
+
+def get_kind(name: Any, diagnostics: bool = False) -> JobKind:
+    """The kind called ``name``; KeyError (with the known kinds in its message) otherwise."""
+    kinds = available_kinds(diagnostics)
+    if not isinstance(name, str) or name not in kinds:
+        raise KeyError(f"unknown job kind {name!r}; known kinds: {sorted(kinds)}")
+    return kinds[name]

@@ -1,0 +1,73 @@
+"""Re-queue jobs whose worker died (the visibility-timeout trap of the Redis transport).
+
+With ``acks_late`` the message of a job whose worker was ``kill -9``'d stays unacknowledged
+in Redis until the visibility timeout passes — days, since it must exceed the longest job.
+So liveness is judged by the job's lease instead: a ``running`` job whose lease expired (no
+heartbeat for ``job_stale_seconds``) is set back to ``queued`` and sent again, failed once it
+used up its attempts, or cancelled if a cancel was asked meanwhile. When the original
+message finally comes back, the claim sees the job finished or owned and drops it.
+Runs at worker start-up, periodically in the worker's parent process, and on demand from
+the API (``JobClient.reap_stale``). Several reapers at once are safe: each decision is one
+atomic script, so only one of them re-queues a given job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from training.settings import Settings
+from worker.store import JobStore
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("requeued", "failed", "cancelled")
+
+
+def reap_stale(
+    store: JobStore, settings: Settings, enqueue: Callable[[str, str, str], None]
+) -> list[dict[str, Any]]:
+    """One pass over the active jobs; returns ``[{"id", "action"}]`` for what it changed."""
+    done = []
+    for job_id in store.active_ids():
+        record = store.get(job_id)
+        max_attempts = int((record or {}).get("max_attempts") or settings.job_max_attempts)
+        action = store.reap(job_id, max_attempts, settings.job_stale_seconds)
+        if action == "requeued":
+            enqueue(job_id, record["kind"], record.get("queue") or "train")
+        if action in ACTIONS:
+            log.warning("job %s: worker lost (no heartbeat for %gs) -> %s",
+                        job_id, settings.job_stale_seconds, action)
+            done.append({"id": job_id, "action": action})
+    return done
+
+
+def reap_interval(settings: Settings) -> float:
+    return max(0.2, min(settings.job_heartbeat_seconds, settings.job_stale_seconds / 2))
+
+
+class ReaperThread(threading.Thread):
+    """Calls :func:`reap_stale` every :func:`reap_interval` seconds until stopped."""
+
+    def __init__(self, store: JobStore, settings: Settings, enqueue) -> None:
+        super().__init__(name="generalrm-reaper", daemon=True)
+        self.store, self.settings, self.enqueue = store, settings, enqueue
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                reap_stale(self.store, self.settings, self.enqueue)
+            except RedisError as exc:  # Redis restarting: try again next round
+                log.warning("reaper: %s", exc)
+            except Exception:
+                log.exception("reaper pass failed")
+            if self.stopped.wait(reap_interval(self.settings)):
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
