@@ -14,7 +14,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model_manager import ModelManager
-from service.routes import get_reward, health, jobs, metrics, models, preference, score
+from service.routes import adapt, get_reward, health, jobs, metrics, models, preference, score
 from training.settings import Settings
 from worker.client import JobClient
 
@@ -67,6 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router, tags=["health"])
     protected = [Depends(require_api_key)]
     app.include_router(health.ready_router, dependencies=protected, tags=["health"])
-    for module in (score, preference, get_reward, models, jobs, metrics):
+    for module in (score, preference, get_reward, adapt, models, jobs, metrics):
         app.include_router(module.router, dependencies=protected)
     return app

@@ -153,5 +153,7 @@ class ModelManager:
             self.swap(self.load(self.reference))
             self.load_error = None
         except Exception as exc:
-            log.exception("could not load model %s", self.reference)
-            self.load_error = f"could not load model {self.reference!r}: {type(exc).__name__}: {exc}"
+            error = f"could not load model {self.reference!r}: {type(exc).__name__}: {exc}"
+            if error != self.load_error:  # the watcher retries every poll: log each cause once
+                log.exception("could not load model %s", self.reference)
+            self.load_error = error

@@ -58,10 +58,23 @@ def _spawn(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, start_new_session=True)
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def install_examples(data_dir: Path) -> None:
+    """Copy the bundled example data to ``{data_dir}/examples`` once, so that job specs name
+    ``examples/prefs.train.jsonl`` here exactly as under docker compose (where it is mounted)."""
+    target = data_dir / "examples"
+    if EXAMPLES.is_dir() and not target.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(EXAMPLES, target)
+
+
 def run_stack(redis_port: int = 6390) -> int:
     from training.settings import Settings
 
     settings = Settings()
+    install_examples(settings.resolved_data_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     children: list[tuple[str, subprocess.Popen]] = []
     try:

@@ -235,10 +235,7 @@ class RewardModel:
                 attention_mask=attention_mask,
                 output_hidden_states=return_features,
             )
-        if self.is_decoder:
-            rewards = captured["logits"][rows, last, 0]
-        else:
-            rewards = out.logits[:, 0]
+        rewards = captured["logits"][rows, last, 0] if self.is_decoder else out.logits[:, 0]
         if not return_features:
             return rewards
         hidden = out.hidden_states[-1]

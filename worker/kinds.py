@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from worker.jobs import diagnostic, train_rm
+from worker.jobs import adapt, diagnostic, meta_train, metarm, strength, train_rm
 from worker.specs import JobContext, JobOutcome, ValidationContext
 
 
@@ -29,6 +29,23 @@ KINDS: dict[str, JobKind] = {
     train_rm.KIND: JobKind(
         train_rm.KIND, "train", train_rm.validate, train_rm.run,
         "Bradley-Terry RM training on a preference JSONL; publishes a new RM version",
+    ),
+    strength.KIND: JobKind(
+        strength.KIND, "train", strength.validate, strength.run,
+        "preference strength (mean/std of reward differences) from an RM ensemble",
+    ),
+    meta_train.KIND: JobKind(
+        meta_train.KIND, "train", meta_train.validate, meta_train.run,
+        "OOD-PL bilevel meta-training of an RM over source domains; publishes a new RM version",
+    ),
+    metarm.KIND: JobKind(
+        metarm.KIND, "train", metarm.validate, metarm.run,
+        "MetaRM update of an RM on shifted samples; publishes a new RM version with diagnostics",
+    ),
+    adapt.KIND: JobKind(
+        adapt.KIND, "adapt", adapt.validate, adapt.run,
+        "OOD-PL meta-test: adapt a policy to a domain's prompts (optionally MetaRM rounds); "
+        "publishes the policy (and the domain-adapted RM)",
     ),
 }
 

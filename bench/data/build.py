@@ -37,7 +37,7 @@ class BuildConfig:
     seed: int = 0
     policy: str = "smollm2-135m"
     domains: int | None = None  # how many domains; None = the task's default list
-    prompts_per_domain: int = 12
+    prompts_per_domain: int = 16
     k: int = 4
     heldout: list[str] | None = None
     label_noise: Sequence[float] = (0.2, 0.4)

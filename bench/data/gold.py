@@ -7,8 +7,13 @@ from collections import Counter
 from functools import lru_cache
 
 _TOKEN = re.compile(r"[a-z0-9]+")
-# SQuAD-style normalisation: articles carry no meaning for answer overlap.
-_ARTICLES = {"a", "an", "the"}
+# Function words carry no meaning for answer overlap; counting them would pay an answer for
+# "of" and "or" (SQuAD drops the articles; glosses are short, so we drop a few more).
+_FUNCTION_WORDS = frozenset({
+    "a", "an", "the", "of", "or", "and", "to", "in", "on", "at", "by", "for", "with", "from",
+    "as", "is", "are", "was", "be", "been", "being", "it", "its", "that", "this", "which",
+    "who", "whom", "whose", "what", "something", "someone", "one", "ones",
+})
 
 
 @lru_cache(maxsize=1)
@@ -24,7 +29,7 @@ def sentiment(text: str) -> float:
 
 
 def answer_tokens(text: str) -> list[str]:
-    return [t for t in _TOKEN.findall(text.lower()) if t not in _ARTICLES]
+    return [t for t in _TOKEN.findall(text.lower()) if t not in _FUNCTION_WORDS]
 
 
 def token_f1(answer: str, reference: str) -> float:

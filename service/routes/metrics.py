@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import EngineDep, JobsDep, MetricsDep

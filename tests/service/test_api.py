@@ -170,7 +170,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_scores(tiny_decoder_rm
         for _round in range(5):
             barrier = threading.Barrier(len(bodies))
 
-            def call(c: int) -> None:
+            def call(c: int, barrier: threading.Barrier = barrier) -> None:
                 with httpx.Client() as client:
                     barrier.wait()
                     results[c] = client.post(f"{server.url}/score", json=bodies[c]).json()["rewards"]

@@ -1,0 +1,113 @@
+"""Job kind ``strength``: preference strength of every training pair from an RM ensemble.
+
+Spec::
+
+    {"train_file": "prefs.train.jsonl",        # relative to the data directory (required)
+     "output_file": "prefs.train.strength.jsonl",  # where to write it, inside the data dir
+                                               # (default: next to train_file, which is where
+                                               # train_rm's flip / adaptive margin look)
+     "model": "minilm",                        # ensemble backbone
+     "params": {"num_models": 5, ...}}         # any StrengthConfig field but the above
+
+Writes the strength JSONL atomically and the summary (PNG, JSON, Markdown) into the job's
+directory; publishes no model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from training.registry import resolve_model
+from worker.jobs.train_rm import _check_model_reference
+from worker.specs import (
+    JobContext,
+    JobOutcome,
+    SpecError,
+    ValidationContext,
+    check_preference_jsonl,
+    reject_unknown_keys,
+    require_mapping,
+    resolve_data_path,
+)
+
+KIND = "strength"
+SPEC_KEYS = ("train_file", "output_file", "model", "params")
+SET_BY_SPEC = ("train_file", "output_file", "output_dir", "model")
+DEFAULTS = {"model": "minilm", "params": {}, "output_file": None}
+
+
+def _output_path(spec: dict[str, Any], train: Path, data_dir: Path) -> Path:
+    from training.strength import default_strength_path
+
+    if spec["output_file"] is None:
+        target = default_strength_path(train)
+    else:
+        if not isinstance(spec["output_file"], str) or not spec["output_file"].strip():
+            raise SpecError("output_file: give a path relative to the data directory")
+        target = (data_dir / spec["output_file"]).resolve()
+    if not target.is_relative_to(data_dir.resolve()):
+        raise SpecError(f"output_file: {target} is outside the data directory {data_dir}")
+    if not os.access(target.parent, os.W_OK):
+        raise SpecError(
+            f"output_file: {target.parent} is not writable (a read-only data mount?); give an "
+            "output_file in a writable folder of the data directory"
+        )
+    return target
+
+
+def _config_values(spec: dict[str, Any], train: Path, output: Path, run_dir: Path, model: str) -> dict:
+    return {**spec["params"], "train_file": str(train), "output_file": str(output),
+            "output_dir": str(run_dir), "model": model}
+
+
+def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
+    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
+    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    data_dir = ctx.settings.resolved_data_dir
+    if "train_file" not in spec:
+        raise SpecError(f"train_file: required, a JSONL of preference pairs under {data_dir}")
+    train = resolve_data_path(spec["train_file"], "train_file", data_dir)
+    check_preference_jsonl(train, "train_file")
+    output = _output_path(spec, train, data_dir)
+    _check_model_reference(spec["model"], ctx.settings)
+    if not isinstance(spec["params"], dict):
+        raise SpecError("params: must be an object of StrengthConfig fields")
+    inside = sorted(set(spec["params"]) & set(SET_BY_SPEC))
+    if inside:
+        raise SpecError(f"params: {inside} are set by the spec itself")
+    from training.strength import StrengthConfig
+
+    try:
+        StrengthConfig.from_dict(_config_values(
+            spec, train, output, ctx.settings.artifacts_dir / "jobs" / "_validation", spec["model"]))
+    except ValueError as exc:
+        raise SpecError(f"params: {exc}") from exc
+    return spec
+
+
+def run(ctx: JobContext) -> JobOutcome:
+    from training.strength import StrengthConfig, StrengthTrainer
+
+    spec = ctx.spec
+    data_dir = ctx.settings.resolved_data_dir
+    train = resolve_data_path(spec["train_file"], "train_file", data_dir)
+    output = _output_path(spec, train, data_dir)
+    base = resolve_model(spec["model"], ctx.settings.artifacts_dir)
+    values = _config_values(spec, train, output, ctx.run_dir, base.path)
+    values.setdefault("device", ctx.settings.device)
+    result = StrengthTrainer(StrengthConfig.from_dict(values), callback=ctx.callback).train()
+    summary = result.summary
+    metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    ctx.ensure_owner()
+    return JobOutcome(
+        metrics=metrics,
+        artifacts={
+            "strength_file": str(output.relative_to(data_dir.resolve())),
+            "summary_png": str(result.summary_png),
+            "summary_markdown": str(result.summary_markdown),
+            "summary_json": str(result.summary_json),
+            "run_dir": str(ctx.run_dir),
+        },
+    )
