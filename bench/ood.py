@@ -63,8 +63,8 @@ class Settings:
     outer_steps: int = 40
     inner_steps: int = 1
     inner_lr: float = 1e-2
-    outer_lr: float = 1e-4
-    beta: float = 1.0
+    outer_lr: float = 3e-4  # AdamW lr of φ, for BT and meta alike
+    beta: float = 0.1  # MiniLM rewards move by O(0.1) in short runs: β = 1 leaves w ≈ uniform
     responses_per_prompt: int = 4
     inner_batch_prompts: int = 2
     outer_batch_pairs: int = 8
@@ -84,8 +84,8 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(seeds=(0,), source_domains=4, heldout_domains=2, outer_steps=8,
-                   outer_batch_pairs=4, adapt_prompts=8, adapt_steps=8, adapt_batch_prompts=2,
+        return cls(seeds=(0,), source_domains=4, heldout_domains=2, outer_steps=16,
+                   outer_batch_pairs=4, adapt_prompts=8, adapt_steps=12, adapt_batch_prompts=2,
                    eval_prompts=4, eval_responses=2, eval_pairs=16)
 
 

@@ -29,10 +29,11 @@ async def encode_and_score(
     engine: ScoringEngine,
     model: ServedModel,
     payloads: Sequence[Any],
-    encode: Callable[[Any], list[int]],
+    encode_many: Callable[[Sequence[Any]], list[list[int]]],
 ) -> tuple[list[float], int]:
-    """Scores in input order and the number of tokens scored."""
-    encoded = await run_in_threadpool(lambda: [encode(p) for p in payloads])
+    """Scores in input order and the number of tokens scored. Tokenizing runs in the thread
+    pool, so the event loop keeps accepting requests meanwhile."""
+    encoded = await run_in_threadpool(encode_many, payloads)
     scores = await score_encoded(engine, model, encoded)
     return scores, sum(len(ids) for ids in encoded)
 

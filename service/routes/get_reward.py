@@ -43,7 +43,9 @@ async def get_reward(
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     check_item_count(len(body.query), settings.max_items)
     model = served_model(manager, None)
-    rewards, _ = await encode_and_score(engine, model, body.query, model.rm.encode_text)
+    rewards, _ = await encode_and_score(
+        engine, model, body.query, lambda queries: [model.rm.encode_text(q) for q in queries]
+    )
     # The body keeps OpenRLHF's exact shape (its trainer tensorizes extra_logs), so the
     # version that answered is named in a header instead.
     response.headers["X-Generalrm-Model"] = model.label

@@ -70,7 +70,7 @@ async def preference(
     model = served_model(manager, body.model)
     sides = [side for item in body.items for side in _sides(item)]
     rewards, tokens = await encode_and_score(
-        engine, model, sides, lambda side: model.rm.encode(side, truncate=body.truncate)
+        engine, model, sides, lambda batch: model.rm.encode_many(batch, truncate=body.truncate)
     )
     results = [
         PreferenceResult(reward_a=a, reward_b=b, p_a_over_b=_sigmoid(a - b))

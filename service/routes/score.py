@@ -60,7 +60,7 @@ async def score(
         engine,
         model,
         [item.model_dump() for item in body.items],
-        lambda item: model.rm.encode(item, truncate=body.truncate),
+        lambda items: model.rm.encode_many(items, truncate=body.truncate),
     )
     if body.normalize:
         rewards = normalize(rewards, model)

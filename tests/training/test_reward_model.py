@@ -114,3 +114,11 @@ def test_training_forward_is_differentiable_and_returns_features(tiny_encoder_rm
     assert rewards.shape == (3,) and features.shape == (3, rm.model.config.hidden_size)
     rewards.sum().backward()
     assert rm.model.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("fixture", ["tiny_encoder_rm", "tiny_decoder_rm"])
+def test_batched_encoding_gives_the_same_ids_as_one_by_one(request, fixture):
+    rm = RewardModel.from_pretrained(request.getfixturevalue(fixture), max_input_tokens=24)
+    assert rm.encode_many(ITEMS) == [rm.encode(item) for item in ITEMS]
+    with pytest.raises(InputTooLongError):
+        rm.encode_many(ITEMS, truncate=False)
