@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export TRANSFORMERS_VERBOSITY := error
 
 .PHONY: install test lint run up worker bench data clean
 

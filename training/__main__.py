@@ -24,6 +24,10 @@ import typer
 import yaml
 
 from training.callbacks import TqdmCallback, TrainingCancelled
+from training.adapt import AdaptConfig, Adapter
+from training.dpo import DPOConfig, DPOTrainer
+from training.meta_train import MetaTrainConfig, MetaTrainer
+from training.metarm import MetaRMConfig, MetaRMTrainer
 from training.rm_trainer import ConfigError, RMTrainConfig, RMTrainer
 from training.strength import StrengthConfig, StrengthTrainer
 
@@ -143,6 +147,13 @@ register_trainer("train-rm", RMTrainConfig, RMTrainer,
                  "Train a Bradley–Terry reward model (Secrets of RLHF II options).")
 register_trainer("strength", StrengthConfig, StrengthTrainer,
                  "Estimate preference strength (μ̂, σ̂) of training pairs with an RM ensemble.")
+register_trainer("meta-train", MetaTrainConfig, MetaTrainer,
+                 "OOD-PL bilevel meta-training of a reward model.")
+register_trainer("adapt", AdaptConfig, Adapter,
+                 "OOD-PL meta-test: adapt a policy to a new domain's prompts.")
+register_trainer("metarm", MetaRMConfig, MetaRMTrainer,
+                 "MetaRM: keep an RM discriminative on shifted samples.")
+register_trainer("dpo", DPOConfig, DPOTrainer, "DPO on preference pairs (baseline).")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,14 @@ def reject_unknown_keys(spec: dict[str, Any], allowed: Iterable[str], kind: str)
         )
 
 
+def spec_with_defaults(spec: Any, kind: str, defaults: dict[str, Any],
+                       allowed: Iterable[str]) -> dict[str, Any]:
+    """A kind's spec: a JSON object of ``allowed`` keys only, ``defaults`` filled in."""
+    spec = {**defaults, **require_mapping(spec, kind)}
+    reject_unknown_keys(spec, allowed, kind)
+    return spec
+
+
 def resolve_data_path(value: Any, key: str, data_dir: Path) -> Path:
     """A dataset path of a spec: relative to the data directory (or absolute inside it)."""
     if not isinstance(value, str) or not value.strip():
@@ -90,24 +98,37 @@ def resolve_data_path(value: Any, key: str, data_dir: Path) -> Path:
     return path
 
 
-def check_preference_jsonl(path: Path, key: str) -> None:
-    """Cheap check of the first record: a JSONL of {"prompt","chosen","rejected"} objects."""
+def _json_lines(path: Path, key: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of the non-blank lines of a JSONL file; SpecError on bad JSON."""
     with open(path, encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield line_no, json.loads(line)
             except ValueError as exc:
-                raise SpecError(f"{key}: line {line_no} of {path.name} is not JSON ({exc})") from exc
-            missing = [k for k in ("prompt", "chosen", "rejected")
-                       if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-            if missing:
-                raise SpecError(
-                    f"{key}: line {line_no} of {path.name} lacks string field(s) {missing}; "
-                    'each line must be {"prompt": ..., "chosen": ..., "rejected": ...}'
-                )
-            return
+                raise SpecError(f"{key}: line {line_no} of {path.name} is not JSON ({exc})") from None
+
+
+def jsonl_objects(path: Path, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of a JSONL file of objects; SpecError on bad JSON or a non-object."""
+    for line_no, row in _json_lines(path, key):
+        if not isinstance(row, dict):
+            raise SpecError(f"{key}: line {line_no} of {path.name} is not a JSON object")
+        yield line_no, row
+
+
+def check_preference_jsonl(path: Path, key: str) -> None:
+    """Cheap check of the first record: a JSONL of {"prompt","chosen","rejected"} objects."""
+    for line_no, row in _json_lines(path, key):
+        missing = [k for k in ("prompt", "chosen", "rejected")
+                   if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+        if missing:
+            raise SpecError(
+                f"{key}: line {line_no} of {path.name} lacks string field(s) {missing}; "
+                'each line must be {"prompt": ..., "chosen": ..., "rejected": ...}'
+            )
+        return
     raise SpecError(f"{key}: {path.name} holds no preference pairs")
 
 

@@ -33,12 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from training.registry import resolve_model
-from worker.jobs.meta_train import (
+from worker.jobs.common import (
+    check_model_reference,
     check_params,
-    check_reference,
     check_registry_name,
     check_samples_jsonl,
+    config_errors_as_spec_errors,
+    publish_as_owner,
+    registry_version_label,
+    reward_model_metadata,
     scalar_metrics,
+    validation_output_dir,
 )
 from worker.specs import (
     JobContext,
@@ -47,9 +52,8 @@ from worker.specs import (
     ValidationContext,
     check_preference_jsonl,
     data_fingerprint,
-    reject_unknown_keys,
-    require_mapping,
     resolve_data_path,
+    spec_with_defaults,
 )
 
 KIND = "adapt"
@@ -129,8 +133,7 @@ def _configs(spec: dict[str, Any], data_dir: Path, models: dict[str, str], outpu
 
 
 def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
-    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     data_dir = ctx.settings.resolved_data_dir
     domain = spec.get("domain")
     if not isinstance(domain, str) or not domain.strip():
@@ -138,8 +141,8 @@ def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
     _check_prompts(spec, data_dir)
     if spec.get("pairs") is not None:
         check_preference_jsonl(resolve_data_path(spec["pairs"], "pairs", data_dir), "pairs")
-    check_reference("policy", spec["policy"], ctx.settings)
-    check_reference("reward_model", spec["reward_model"], ctx.settings)
+    for key in ("policy", "reward_model"):
+        check_model_reference(key, spec[key], ctx.settings, resolve_short_names=False)
     params = check_params(spec, SET_BY_SPEC, "AdaptConfig (plus 'metarm')")
     spec.setdefault("name", registry_name("policy", domain))
     check_registry_name("name", spec["name"], ctx.settings, "policy")
@@ -150,13 +153,9 @@ def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
             raise SpecError("rm_name: must differ from name (the policy's registry name)")
     elif spec.get("rm_name") is not None:
         raise SpecError("rm_name: only with params.metarm (no RM is published without it)")
-    try:
+    with config_errors_as_spec_errors():
         _configs(spec, data_dir, {"policy": spec["policy"], "reward_model": spec["reward_model"]},
-                 ctx.settings.artifacts_dir / "jobs" / "_validation", ctx.settings.artifacts_dir)
-    except SpecError:
-        raise
-    except ValueError as exc:
-        raise SpecError(f"params: {exc}") from None
+                 validation_output_dir(ctx.settings), ctx.settings.artifacts_dir)
     return spec
 
 
@@ -215,7 +214,7 @@ def run(ctx: JobContext) -> JobOutcome:
     fingerprint_files = [p for p in (prompts_path, pairs_path) if p]
     lineage = {
         "base_model": spec["policy"],
-        "parent_version": policy.label if policy.version is not None else None,
+        "parent_version": registry_version_label(policy),
         "domain": spec["domain"],
         "dataset": spec.get("dataset"),
         "pairs": spec.get("pairs"),
@@ -238,8 +237,7 @@ def run(ctx: JobContext) -> JobOutcome:
             "metrics": metrics,
             "params": spec["params"],
         }
-        ctx.ensure_owner()
-        published = ctx.registry.publish(name, result.policy_dir, metadata)
+        published = publish_as_owner(ctx, name, result.policy_dir, metadata)
         return JobOutcome(metrics, _artifacts(ctx.run_dir, published))
 
     from training.metarm_rounds import MetaRMRounds
@@ -255,43 +253,31 @@ def run(ctx: JobContext) -> JobOutcome:
     metarm_params = spec["params"]["metarm"]
     source_pairs = resolve_data_path(metarm_params["pairs_path"], "params.metarm.pairs_path",
                                      data_dir)
-    rm_metrics = scalar_metrics(last.get("metarm", {}))
-    rm_metadata = {
-        "kind": "reward_model",
-        "algorithm": "metarm",
-        "base_model": spec["reward_model"],
-        "parent_version": rm.label if rm.version is not None else None,
-        "domain": spec["domain"],
-        "rounds": result.metrics.get("rounds"),
-        "pairs_path": metarm_params["pairs_path"],
-        "data_fingerprint": data_fingerprint([source_pairs, prompts_path]),
-        "metrics": rm_metrics,
-        "diagnostics_by_round": [
+    rm_metadata = reward_model_metadata(
+        algorithm="metarm", base_model=spec["reward_model"], base=rm,
+        data_files=[source_pairs, prompts_path], metrics=scalar_metrics(last.get("metarm", {})),
+        params=metarm_params, job_id=ctx.job_id,
+        domain=spec["domain"], rounds=result.metrics.get("rounds"),
+        pairs_path=metarm_params["pairs_path"],
+        diagnostics_by_round=[
             {"round": rec["round"],
              **{f"{k}_{w}": rec.get("metarm", {}).get(f"{k}_{w}")
                 for k in METARM_DIAGNOSTICS for w in ("before", "after")}}
             for rec in records],
-        "params": metarm_params,
-        "job_id": ctx.job_id,
-    }
-    if "reward_mean" in rm_metrics and "reward_std" in rm_metrics:
-        rm_metadata["reward_stats"] = {"mean": rm_metrics["reward_mean"],
-                                       "std": rm_metrics["reward_std"]}
-    ctx.ensure_owner()
+    )
     if rm_done is None:
-        rm_done = ctx.registry.publish(rm_name, result.reward_model_dir, rm_metadata)
+        rm_done = publish_as_owner(ctx, rm_name, result.reward_model_dir, rm_metadata)
     metadata = {
         **lineage,
         "kind": "policy",
         "algorithm": "ood-pl-adapt+metarm",
         "reward_model": rm_done.reference,
         "reward_model_base": spec["reward_model"],
-        "reward_model_base_version": rm.label if rm.version is not None else None,
+        "reward_model_base_version": registry_version_label(rm),
         "data_fingerprint": data_fingerprint(fingerprint_files),
         "metrics": metrics,
         "params": spec["params"],
     }
-    ctx.ensure_owner()
     if policy_done is None:
-        policy_done = ctx.registry.publish(name, result.policy_dir, metadata)
+        policy_done = publish_as_owner(ctx, name, result.policy_dir, metadata)
     return JobOutcome(metrics, _artifacts(ctx.run_dir, policy_done, rm_done))

@@ -22,17 +22,16 @@ from worker.specs import (
     JobOutcome,
     SpecError,
     latest_checkpoint_step,
-    reject_unknown_keys,
-    require_mapping,
+    spec_with_defaults,
 )
 
 KIND = "sleep_steps"
 SPEC_KEYS = ("steps", "step_seconds", "crash_at_step")
+DEFAULTS = {"steps": 10, "step_seconds": 0.1, "crash_at_step": None}
 
 
 def validate(spec: Any, ctx) -> dict[str, Any]:
-    spec = {"steps": 10, "step_seconds": 0.1, "crash_at_step": None, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     steps, seconds, crash = spec["steps"], spec["step_seconds"], spec["crash_at_step"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100_000:
         raise SpecError(f"steps: an integer in [1, 100000], got {steps!r}")

@@ -17,8 +17,6 @@ The published version's ``generalrm.json`` records the algorithm (``ood-pl-meta-
 the base RM and its registry version when it came from the registry, the policy, the source
 domains, a fingerprint of the data, the metrics (outer PL accuracy before/after, RM
 accuracy) and reward statistics (for ``/score``'s ``normalize``), and the job id.
-
-The helpers at the top are shared with the ``adapt`` and ``metarm`` kinds.
 """
 
 from __future__ import annotations
@@ -28,18 +26,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-from training.registry import Registry, RegistryError, check_name, resolve_model
-from worker.jobs.train_rm import _check_model_reference
+from training.registry import resolve_model
+from worker.jobs.common import (
+    check_model_reference,
+    check_params,
+    check_registry_name,
+    check_samples_jsonl,
+    config_errors_as_spec_errors,
+    registry_version_label,
+    reward_model_metadata,
+    scalar_metrics,
+    train_and_publish_once,
+    validation_output_dir,
+)
 from worker.specs import (
     JobContext,
     JobOutcome,
     SpecError,
     ValidationContext,
     check_preference_jsonl,
-    data_fingerprint,
-    reject_unknown_keys,
-    require_mapping,
+    jsonl_objects,
     resolve_data_path,
+    spec_with_defaults,
 )
 
 KIND = "meta_train"
@@ -52,88 +60,9 @@ DEFAULTS = {"reward_model": "minilm", "policy": "smollm2-135m", "name": "rm", "p
 REWARD_STATS_PAIRS = 256  # source pairs scored for the published reward statistics
 
 
-# ---------------------------------------------------------------------- shared helpers
-def check_reference(key: str, reference: Any, settings) -> None:
-    """train_rm's model-reference check, with the error naming ``key``.
-
-    A packaged short name (``smollm2-135m``) that no registry model shadows is accepted as is:
-    resolving it would convert the GGUF (seconds) inside the API's request.
-    """
-    from training.models import SHORT_NAMES
-
-    if (isinstance(reference, str) and reference in SHORT_NAMES
-            and Registry.from_artifacts(settings.artifacts_dir).try_resolve(reference) is None):
-        return
-    try:
-        _check_model_reference(reference, settings)
-    except SpecError as exc:
-        message = str(exc).removeprefix("model: ")
-        raise SpecError(f"{key}: {message}") from None
-
-
-def check_registry_name(key: str, name: Any, settings, kind: str) -> None:
-    """A valid registry name that does not already hold models of another kind."""
-    try:
-        check_name(name, key)
-    except (RegistryError, TypeError) as exc:
-        raise SpecError(f"{key}: {exc}") from None
-    versions = Registry.from_artifacts(settings.artifacts_dir).versions(name)
-    if versions and versions[-1].metadata.get("kind", "reward_model") != kind:
-        other = versions[-1].metadata.get("kind", "reward_model")
-        raise SpecError(f"{key}: {name!r} holds {other} versions; a {kind} needs a name of its own")
-
-
-def check_params(spec: dict[str, Any], set_by_spec: tuple[str, ...], what: str) -> dict[str, Any]:
-    params = spec["params"]
-    if not isinstance(params, dict):
-        raise SpecError(f"params: must be an object of {what} fields")
-    inside = sorted(set(params) & set(set_by_spec))
-    if inside:
-        raise SpecError(f"params: {inside} are set by the spec itself (or by the job: "
-                        "output_dir, artifacts_dir), not inside params")
-    return params
-
-
-def _jsonl_rows(path: Path, key: str):
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise SpecError(f"{key}: line {line_no} of {path.name} is not JSON ({exc})") from None
-            if not isinstance(row, dict):
-                raise SpecError(f"{key}: line {line_no} of {path.name} is not a JSON object")
-            yield line_no, row
-
-
-def check_samples_jsonl(path: Path, key: str, *, need_responses: bool = True) -> list[dict]:
-    """Every row a ``{"prompt": str[, "responses": [str, ...]]}`` object; returns the rows."""
-    rows = []
-    for line_no, row in _jsonl_rows(path, key):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise SpecError(f"{key}: line {line_no} of {path.name} lacks a non-empty string "
-                            "'prompt'")
-        responses = row.get("responses")
-        malformed = (not isinstance(responses, list) or not responses
-                     or not all(isinstance(r, str) for r in responses))
-        if (need_responses or responses is not None) and malformed:
-            raise SpecError(f"{key}: line {line_no} of {path.name}: 'responses' must be a "
-                            "non-empty list of strings")
-        rows.append(row)
-    if not rows:
-        raise SpecError(f"{key}: {path.name} holds no prompts")
-    return rows
-
-
+# ---------------------------------------------------------------------- the benchmark
 def _domains(path: Path, key: str) -> set[str]:
-    return {row["domain"] for _, row in _jsonl_rows(path, key) if isinstance(row.get("domain"), str)}
-
-
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, int | float | str) and not isinstance(v, bool)}
+    return {row["domain"] for _, row in jsonl_objects(path, key) if isinstance(row.get("domain"), str)}
 
 
 def bench_root() -> Path:
@@ -205,35 +134,24 @@ def _config_values(spec: dict[str, Any], data: dict[str, Any], models: dict[str,
 
 
 def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
-    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     data_dir = ctx.settings.resolved_data_dir
     check_params(spec, SET_BY_SPEC, "MetaTrainConfig")
     data = _data(spec, data_dir)
     _check_data(spec, data)
-    check_reference("reward_model", spec["reward_model"], ctx.settings)
-    check_reference("policy", spec["policy"], ctx.settings)
+    for key in ("reward_model", "policy"):
+        check_model_reference(key, spec[key], ctx.settings, resolve_short_names=False)
     check_registry_name("name", spec["name"], ctx.settings, "reward_model")
     from training.meta_train import MetaTrainConfig  # the trainer's own checks, by field name
 
-    try:
+    with config_errors_as_spec_errors():
         MetaTrainConfig.from_dict(_config_values(
             spec, data, {"reward_model": spec["reward_model"], "policy": spec["policy"]},
-            ctx.settings.artifacts_dir / "jobs" / "_validation", ctx.settings.artifacts_dir))
-    except ValueError as exc:
-        raise SpecError(f"params: {exc}") from None
+            validation_output_dir(ctx.settings), ctx.settings.artifacts_dir))
     return spec
 
 
 # ---------------------------------------------------------------------- run
-def _outcome(version, run_dir: Path) -> JobOutcome:
-    return JobOutcome(
-        metrics=dict(version.metadata.get("metrics", {})),
-        artifacts={"model": version.reference, "model_path": str(version.path),
-                   "run_dir": str(run_dir)},
-    )
-
-
 def _reward_stats(config, rm_dir: str) -> dict[str, float] | None:
     """Mean/std of the trained RM's rewards over source responses (``normalize: true``)."""
     import torch
@@ -261,15 +179,10 @@ def _reward_stats(config, rm_dir: str) -> dict[str, float] | None:
             "source_accuracy": stats.get("source_accuracy")}
 
 
-def run(ctx: JobContext) -> JobOutcome:
-    spec = ctx.spec
-    name = spec["name"]
-    already = ctx.registry.version_for_job(name, ctx.job_id)  # exactly-once publication
-    if already is not None:
-        return _outcome(already, ctx.run_dir)
-
+def _train(ctx: JobContext) -> tuple[str, dict[str, Any]]:
     from training.meta_train import MetaTrainConfig, MetaTrainer
 
+    spec = ctx.spec
     data = _data(spec, ctx.settings.resolved_data_dir)
     rm = resolve_model(spec["reward_model"], ctx.settings.artifacts_dir)
     policy = resolve_model(spec["policy"], ctx.settings.artifacts_dir)
@@ -281,32 +194,22 @@ def run(ctx: JobContext) -> JobOutcome:
 
     metrics = scalar_metrics(result.metrics)
     stats = _reward_stats(config, result.rm_dir)
-    if stats is not None:
+    if stats is not None:  # in the metrics, they become the version's reward_stats
         metrics["reward_mean"], metrics["reward_std"] = stats["mean"], stats["std"]
         if stats.get("source_accuracy") is not None:
             metrics["source_accuracy"] = stats["source_accuracy"]
     files = ([Path(data["samples_file"]), Path(data["pairs_file"])] if "samples_file" in data
              else task_files(data["task"]))
-    metadata = {
-        "kind": "reward_model",
-        "algorithm": ALGORITHM,
-        "base_model": spec["reward_model"],
-        "parent_version": rm.label if rm.version is not None else None,
-        "policy": spec["policy"],
-        "policy_version": policy.label if policy.version is not None else None,
-        "domains": result.metadata.get("domains"),
-        "task": spec.get("task"),
-        "samples_file": spec.get("samples_file"),
-        "pairs_file": spec.get("pairs_file"),
-        "data_fingerprint": data_fingerprint(files),
-        "metrics": metrics,
-        "per_task": result.metrics.get("per_task"),
-        "params": spec["params"],
-        "job_id": ctx.job_id,
-        "steps": result.steps,
-    }
-    if stats is not None:
-        metadata["reward_stats"] = {"mean": stats["mean"], "std": stats["std"]}
-    ctx.ensure_owner()
-    version = ctx.registry.publish(name, result.rm_dir, metadata)
-    return _outcome(version, ctx.run_dir)
+    metadata = reward_model_metadata(
+        algorithm=ALGORITHM, base_model=spec["reward_model"], base=rm, data_files=files,
+        metrics=metrics, params=spec["params"], job_id=ctx.job_id,
+        policy=spec["policy"], policy_version=registry_version_label(policy),
+        domains=result.metadata.get("domains"), task=spec.get("task"),
+        samples_file=spec.get("samples_file"), pairs_file=spec.get("pairs_file"),
+        per_task=result.metrics.get("per_task"), steps=result.steps,
+    )
+    return result.rm_dir, metadata
+
+
+def run(ctx: JobContext) -> JobOutcome:
+    return train_and_publish_once(ctx, ctx.spec["name"], lambda: _train(ctx))

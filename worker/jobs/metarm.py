@@ -24,23 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from training.registry import resolve_model
-from worker.jobs.meta_train import (
+from worker.jobs.common import (
+    check_model_reference,
     check_params,
-    check_reference,
     check_registry_name,
     check_samples_jsonl,
+    config_errors_as_spec_errors,
+    required_preference_file,
+    reward_model_metadata,
     scalar_metrics,
+    train_and_publish_once,
+    validation_output_dir,
 )
 from worker.specs import (
     JobContext,
     JobOutcome,
     SpecError,
     ValidationContext,
-    check_preference_jsonl,
-    data_fingerprint,
-    reject_unknown_keys,
-    require_mapping,
     resolve_data_path,
+    spec_with_defaults,
 )
 
 KIND = "metarm"
@@ -52,14 +54,10 @@ DIAGNOSTICS = ("shifted_diff_mean", "shifted_diff_var", "shifted_objective", "so
                "source_margin", "reward_mean", "reward_std")
 
 
-def _paths(spec: dict[str, Any], data_dir: Path) -> tuple[Path, Path | None]:
-    if spec.get("pairs_file") is None:
-        raise SpecError(f"pairs_file: required, a JSONL of source preference pairs under {data_dir}")
-    pairs = resolve_data_path(spec["pairs_file"], "pairs_file", data_dir)
-    samples = None
-    if spec.get("samples_file") is not None:
-        samples = resolve_data_path(spec["samples_file"], "samples_file", data_dir)
-    return pairs, samples
+def _samples_path(spec: dict[str, Any], data_dir: Path) -> Path | None:
+    if spec.get("samples_file") is None:
+        return None
+    return resolve_data_path(spec["samples_file"], "samples_file", data_dir)
 
 
 def _config_values(spec: dict[str, Any], model: str, pairs: Path, samples: Path | None,
@@ -69,12 +67,11 @@ def _config_values(spec: dict[str, Any], model: str, pairs: Path, samples: Path 
 
 
 def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
-    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     data_dir = ctx.settings.resolved_data_dir
     params = check_params(spec, SET_BY_SPEC, "MetaRMConfig")
-    pairs, samples = _paths(spec, data_dir)
-    check_preference_jsonl(pairs, "pairs_file")
+    pairs = required_preference_file(spec, "pairs_file", data_dir, "source preference pairs")
+    samples = _samples_path(spec, data_dir)
     if samples is not None:
         rows = check_samples_jsonl(samples, "samples_file")
         if not any(len(row["responses"]) >= 2 for row in rows):
@@ -84,24 +81,14 @@ def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
         raise SpecError("samples_file: required (the shifted-distribution samples: "
                         '{"prompt", "responses"} rows under the data directory), unless '
                         "params.meta_lr is 0 (vanilla Bradley-Terry)")
-    check_reference("model", spec["model"], ctx.settings)
+    check_model_reference("model", spec["model"], ctx.settings, resolve_short_names=False)
     check_registry_name("name", spec["name"], ctx.settings, "reward_model")
     from training.metarm import MetaRMConfig
 
-    try:
+    with config_errors_as_spec_errors():
         MetaRMConfig.from_dict(_config_values(
-            spec, spec["model"], pairs, samples, ctx.settings.artifacts_dir / "jobs" / "_validation"))
-    except ValueError as exc:
-        raise SpecError(f"params: {exc}") from None
+            spec, spec["model"], pairs, samples, validation_output_dir(ctx.settings)))
     return spec
-
-
-def _outcome(version, run_dir: Path) -> JobOutcome:
-    return JobOutcome(
-        metrics=dict(version.metadata.get("metrics", {})),
-        artifacts={"model": version.reference, "model_path": str(version.path),
-                   "run_dir": str(run_dir)},
-    )
 
 
 def diagnostics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -110,38 +97,25 @@ def diagnostics(metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
             for when in ("before", "after")}
 
 
-def run(ctx: JobContext) -> JobOutcome:
-    spec = ctx.spec
-    name = spec["name"]
-    already = ctx.registry.version_for_job(name, ctx.job_id)  # exactly-once publication
-    if already is not None:
-        return _outcome(already, ctx.run_dir)
-
+def _train(ctx: JobContext) -> tuple[Path, dict[str, Any]]:
     from training.metarm import MetaRMConfig, MetaRMTrainer
 
-    pairs, samples = _paths(spec, ctx.settings.resolved_data_dir)
+    spec = ctx.spec
+    data_dir = ctx.settings.resolved_data_dir
+    pairs = resolve_data_path(spec["pairs_file"], "pairs_file", data_dir)
+    samples = _samples_path(spec, data_dir)
     base = resolve_model(spec["model"], ctx.settings.artifacts_dir)
     values = _config_values(spec, base.path, pairs, samples, ctx.run_dir)
     values.setdefault("device", ctx.settings.device)
     result = MetaRMTrainer(MetaRMConfig.from_dict(values), callback=ctx.callback).train()
+    metadata = reward_model_metadata(
+        algorithm=ALGORITHM, base_model=spec["model"], base=base, data_files=[pairs, samples],
+        metrics=scalar_metrics(result.metrics), params=spec["params"], job_id=ctx.job_id,
+        pairs_file=spec["pairs_file"], samples_file=spec.get("samples_file"),
+        diagnostics=diagnostics(result.metrics), steps=result.steps,
+    )
+    return result.model_dir, metadata
 
-    metrics = scalar_metrics(result.metrics)
-    metadata = {
-        "kind": "reward_model",
-        "algorithm": ALGORITHM,
-        "base_model": spec["model"],
-        "parent_version": base.label if base.version is not None else None,
-        "pairs_file": spec["pairs_file"],
-        "samples_file": spec.get("samples_file"),
-        "data_fingerprint": data_fingerprint([p for p in (pairs, samples) if p]),
-        "metrics": metrics,
-        "diagnostics": diagnostics(result.metrics),
-        "params": spec["params"],
-        "job_id": ctx.job_id,
-        "steps": result.steps,
-    }
-    if "reward_mean" in metrics and "reward_std" in metrics:
-        metadata["reward_stats"] = {"mean": metrics["reward_mean"], "std": metrics["reward_std"]}
-    ctx.ensure_owner()
-    version = ctx.registry.publish(name, result.model_dir, metadata)
-    return _outcome(version, ctx.run_dir)
+
+def run(ctx: JobContext) -> JobOutcome:
+    return train_and_publish_once(ctx, ctx.spec["name"], lambda: _train(ctx))

@@ -20,16 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from training.registry import resolve_model
-from worker.jobs.train_rm import _check_model_reference
+from worker.jobs.common import (
+    check_model_reference,
+    check_params,
+    config_errors_as_spec_errors,
+    required_preference_file,
+    validation_output_dir,
+)
 from worker.specs import (
     JobContext,
     JobOutcome,
     SpecError,
     ValidationContext,
-    check_preference_jsonl,
-    reject_unknown_keys,
-    require_mapping,
     resolve_data_path,
+    spec_with_defaults,
 )
 
 KIND = "strength"
@@ -63,27 +67,17 @@ def _config_values(spec: dict[str, Any], train: Path, output: Path, run_dir: Pat
 
 
 def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
-    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     data_dir = ctx.settings.resolved_data_dir
-    if "train_file" not in spec:
-        raise SpecError(f"train_file: required, a JSONL of preference pairs under {data_dir}")
-    train = resolve_data_path(spec["train_file"], "train_file", data_dir)
-    check_preference_jsonl(train, "train_file")
+    train = required_preference_file(spec, "train_file", data_dir)
     output = _output_path(spec, train, data_dir)
-    _check_model_reference(spec["model"], ctx.settings)
-    if not isinstance(spec["params"], dict):
-        raise SpecError("params: must be an object of StrengthConfig fields")
-    inside = sorted(set(spec["params"]) & set(SET_BY_SPEC))
-    if inside:
-        raise SpecError(f"params: {inside} are set by the spec itself")
+    check_model_reference("model", spec["model"], ctx.settings)
+    check_params(spec, SET_BY_SPEC, "StrengthConfig")
     from training.strength import StrengthConfig
 
-    try:
+    with config_errors_as_spec_errors():
         StrengthConfig.from_dict(_config_values(
-            spec, train, output, ctx.settings.artifacts_dir / "jobs" / "_validation", spec["model"]))
-    except ValueError as exc:
-        raise SpecError(f"params: {exc}") from exc
+            spec, train, output, validation_output_dir(ctx.settings), spec["model"]))
     return spec
 
 

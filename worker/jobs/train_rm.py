@@ -15,17 +15,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.registry import ModelNotFoundError, RegistryError, check_name, resolve_model
+from training.registry import resolve_model
+from worker.jobs.common import (
+    check_model_reference,
+    check_params,
+    check_registry_name,
+    config_errors_as_spec_errors,
+    required_preference_file,
+    reward_model_metadata,
+    scalar_metrics,
+    train_and_publish_once,
+    validation_output_dir,
+)
 from worker.specs import (
     JobContext,
     JobOutcome,
-    SpecError,
     ValidationContext,
     check_preference_jsonl,
-    data_fingerprint,
-    reject_unknown_keys,
-    require_mapping,
     resolve_data_path,
+    spec_with_defaults,
 )
 
 KIND = "train_rm"
@@ -34,19 +42,6 @@ SPEC_KEYS = ("train_file", "eval_file", "model", "name", "params")
 SET_BY_SPEC = ("train_file", "eval_file", "model", "output_dir")  # not allowed inside params
 DEFAULTS = {"model": "minilm", "name": "rm", "params": {}, "eval_file": None}
 DATA_PARAMS = ("strength_file",)  # params that name files: they must stay in the data dir too
-
-
-def _check_model_reference(reference: Any, settings) -> None:
-    if not isinstance(reference, str) or not reference:
-        raise SpecError("model: give a short name (minilm), a local directory, a hub id or a "
-                        "registry reference (name@v3, name:production)")
-    try:
-        resolved = resolve_model(reference, settings.artifacts_dir)
-    except ModelNotFoundError as exc:
-        raise SpecError(f"model: {exc}") from exc
-    looks_local = reference.startswith(("/", ".", "~"))
-    if looks_local and not Path(resolved.path).expanduser().is_dir():
-        raise SpecError(f"model: {reference!r} is not a directory on the worker's filesystem")
 
 
 def _config_values(spec: dict[str, Any], data_dir: Path, output_dir: Path, resolved: dict) -> dict:
@@ -66,59 +61,30 @@ def _config_values(spec: dict[str, Any], data_dir: Path, output_dir: Path, resol
 def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
     """Check everything a ``train_rm`` job needs before it is queued; returns the spec with
     defaults filled in."""
-    spec = {**DEFAULTS, **require_mapping(spec, KIND)}
-    reject_unknown_keys(spec, SPEC_KEYS, KIND)
+    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
     data_dir = ctx.settings.resolved_data_dir
-    if "train_file" not in spec:
-        raise SpecError(f"train_file: required, a JSONL of preference pairs under {data_dir}")
-    train = resolve_data_path(spec["train_file"], "train_file", data_dir)
-    check_preference_jsonl(train, "train_file")
+    train = required_preference_file(spec, "train_file", data_dir)
     held_out = None
     if spec["eval_file"] is not None:
         held_out = resolve_data_path(spec["eval_file"], "eval_file", data_dir)
         check_preference_jsonl(held_out, "eval_file")
-    _check_model_reference(spec["model"], ctx.settings)
-    try:
-        check_name(spec["name"], "name")
-    except (RegistryError, TypeError) as exc:
-        raise SpecError(f"name: {exc}") from exc
-    if not isinstance(spec["params"], dict):
-        raise SpecError("params: must be an object of RMTrainConfig fields")
-    inside = sorted(set(spec["params"]) & set(SET_BY_SPEC))
-    if inside:
-        raise SpecError(f"params: {inside} are set by the spec itself (train_file, eval_file, "
-                        "model at the top level; output_dir is the job's directory)")
+    check_model_reference("model", spec["model"], ctx.settings)
+    check_registry_name("name", spec["name"], ctx.settings)
+    check_params(spec, SET_BY_SPEC, "RMTrainConfig")
     from training.rm_trainer import RMTrainConfig  # the trainer's own validation, by field name
 
-    try:
+    with config_errors_as_spec_errors():
         RMTrainConfig.from_dict(_config_values(
-            spec, data_dir, ctx.settings.artifacts_dir / "jobs" / "_validation",
+            spec, data_dir, validation_output_dir(ctx.settings),
             {"model": spec["model"], "train_file": train, "eval_file": held_out},
         ))
-    except ValueError as exc:
-        raise SpecError(f"params: {exc}") from exc
     return spec
 
 
-def _outcome(version, run_dir: Path) -> JobOutcome:
-    return JobOutcome(
-        metrics=dict(version.metadata.get("metrics", {})),
-        artifacts={"model": version.reference, "model_path": str(version.path),
-                   "run_dir": str(run_dir)},
-    )
-
-
-def run(ctx: JobContext) -> JobOutcome:
-    spec = ctx.spec
-    name = spec["name"]
-    # exactly-once: a job that died between publishing and recording success must not train
-    # and publish again when it is re-run
-    already = ctx.registry.version_for_job(name, ctx.job_id)
-    if already is not None:
-        return _outcome(already, ctx.run_dir)
-
+def _train(ctx: JobContext) -> tuple[Path, dict[str, Any]]:
     from training.rm_trainer import RMTrainConfig, RMTrainer
 
+    spec = ctx.spec
     data_dir = ctx.settings.resolved_data_dir
     train = resolve_data_path(spec["train_file"], "train_file", data_dir)
     held_out = (resolve_data_path(spec["eval_file"], "eval_file", data_dir)
@@ -127,25 +93,14 @@ def run(ctx: JobContext) -> JobOutcome:
     values = _config_values(spec, data_dir, ctx.run_dir,
                             {"model": base.path, "train_file": train, "eval_file": held_out})
     values.setdefault("device", ctx.settings.device)
-    config = RMTrainConfig.from_dict(values)
-    result = RMTrainer(config, callback=ctx.callback).train()
+    result = RMTrainer(RMTrainConfig.from_dict(values), callback=ctx.callback).train()
+    metadata = reward_model_metadata(
+        algorithm=ALGORITHM, base_model=spec["model"], base=base, data_files=[train, held_out],
+        metrics=scalar_metrics(result.metrics), params=spec["params"], job_id=ctx.job_id,
+        train_file=spec["train_file"], eval_file=spec.get("eval_file"), steps=result.steps,
+    )
+    return result.model_dir, metadata
 
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, int | float | str)}
-    metadata = {
-        "kind": "reward_model",
-        "base_model": spec["model"],
-        "parent_version": base.label if base.version is not None else None,
-        "algorithm": ALGORITHM,
-        "data_fingerprint": data_fingerprint([p for p in (train, held_out) if p]),
-        "train_file": spec["train_file"],
-        "eval_file": spec.get("eval_file"),
-        "metrics": metrics,
-        "params": spec["params"],
-        "job_id": ctx.job_id,
-        "steps": result.steps,
-    }
-    if "reward_mean" in metrics and "reward_std" in metrics:
-        metadata["reward_stats"] = {"mean": metrics["reward_mean"], "std": metrics["reward_std"]}
-    ctx.ensure_owner()
-    version = ctx.registry.publish(name, result.model_dir, metadata)
-    return _outcome(version, ctx.run_dir)
+
+def run(ctx: JobContext) -> JobOutcome:
+    return train_and_publish_once(ctx, ctx.spec["name"], lambda: _train(ctx))
