@@ -140,7 +140,9 @@ def main() -> None:
     servers = {
         "generalrm": ([sys.executable, "-m", "service"], 8101, {
             "GENERALRM_MODEL": args.model, "GENERALRM_PORT": "8101", "GENERALRM_MAX_INPUT_TOKENS": str(TOKENS),
-            "GENERALRM_MAX_QUEUE": "4096", "GENERALRM_MAX_BATCH_SIZE": "64", "GENERALRM_MAX_BATCH_TOKENS": str(64 * TOKENS),
+            # the operator's knob set from (a): the batch size this hardware runs fastest
+            "GENERALRM_MAX_QUEUE": "4096", "GENERALRM_MAX_BATCH_SIZE": str(forward["batch"]),
+            "GENERALRM_MAX_BATCH_TOKENS": str(forward["batch"] * TOKENS),
         }),
         "naive (serve_rm pattern)": ([sys.executable, "-m", "bench.naive_server", "--model", args.model, "--port", "8102"], 8102, {}),
     }

@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue=settings.max_queue,
             metrics=app_metrics,
         )
-        manager = ModelManager(settings, app_metrics)
+        manager = ModelManager(settings, app_metrics, engine)
         app.state.engine = engine
         app.state.models = manager
         app.state.jobs = JobClient(settings)

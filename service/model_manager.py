@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.engine import ServedModel
+from service.engine import ScoringEngine, ServedModel
 from service.metrics import Metrics
 from training.registry import resolve_model
 from training.reward_model import RewardModel
@@ -48,9 +48,10 @@ def resolve_reference(reference: str, settings: Settings) -> ResolvedModel:
 
 
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, engine: ScoringEngine) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.engine = engine
         self.reference = settings.model
         self._current: ServedModel | None = None
         self._lock = threading.Lock()
@@ -78,7 +79,8 @@ class ModelManager:
             max_input_tokens=self.settings.max_input_tokens,
             name=f"{resolved.name}@{resolved.version}",
         )
-        rm.score(WARMUP_ITEMS)
+        # on the inference thread, which will run this model (see ScoringEngine.call)
+        self.engine.call(lambda: rm.score(WARMUP_ITEMS)).result()
         return ServedModel(rm=rm, name=resolved.name, version=resolved.version, metadata=resolved.metadata)
 
     def swap(self, served: ServedModel) -> None:

@@ -11,6 +11,8 @@ from starlette.concurrency import run_in_threadpool
 from service.engine import ScoringEngine, ServedModel
 from service.errors import InvalidInput
 
+INLINE_ENCODE_ITEMS = 4
+
 
 def check_item_count(count: int, limit: int) -> None:
     if count > limit:
@@ -33,7 +35,12 @@ async def encode_and_score(
 ) -> tuple[list[float], int]:
     """Scores in input order and the number of tokens scored. Tokenizing runs in the thread
     pool, so the event loop keeps accepting requests meanwhile."""
-    encoded = await run_in_threadpool(encode_many, payloads)
+    if len(payloads) <= INLINE_ENCODE_ITEMS:
+        # A hop to the thread pool costs more than tokenizing a few items here (each
+        # thread switch can wait out the GIL's switch interval).
+        encoded = encode_many(payloads)
+    else:
+        encoded = await run_in_threadpool(encode_many, payloads)
     scores = await score_encoded(engine, model, encoded)
     return scores, sum(len(ids) for ids in encoded)
 

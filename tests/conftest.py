@@ -13,6 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from a second intra-op thread, and the integration tests run a
+# worker process beside this one: on 2 cores, two threads each made tests ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests import tiny  # noqa: E402
 
