@@ -55,6 +55,7 @@ class ModelManager:
         self.reference = settings.model
         self._current: ServedModel | None = None
         self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
         self.load_error: str | None = None
         self.swap_error: str | None = None
         self._failed_label: str | None = None
@@ -101,9 +102,17 @@ class ModelManager:
         )
 
     def check_for_promotion(self) -> str | None:
+        # the watcher and a promotion request may both ask: one load at a time
+        with self._load_lock:
+            return self._check_for_promotion()
+
+    def _check_for_promotion(self) -> str | None:
         """Swap in the version the reference now points to, if it moved. Blocking: runs in
         the watcher thread. A version that fails to load is remembered and not retried until
         the reference moves again; the old model keeps serving. Returns the outcome."""
+        if self._current is None:  # nothing served yet (e.g. the alias did not exist)
+            self.load_initial()
+            return "swapped" if self._current is not None else "failed"
         if not self.follows_registry():
             return None
         try:
@@ -135,10 +144,7 @@ class ModelManager:
         def watch() -> None:
             while not self._stop.wait(self.settings.model_poll_seconds):
                 try:
-                    if self._current is None:
-                        self.load_initial()  # e.g. the first version is published later
-                    else:
-                        self.check_for_promotion()
+                    self.check_for_promotion()
                 except Exception:  # the watcher outlives any single bad poll
                     log.exception("model watcher poll failed")
 

@@ -45,7 +45,7 @@ async def set_alias(
     before this call returns; requests in flight finish on the old one."""
     version = await run_in_threadpool(registry.set_alias, name, alias, body.version)
     outcome = None
-    if manager.follows_registry():
+    if manager.current is None or manager.follows_registry():
         outcome = await run_in_threadpool(manager.check_for_promotion)
     served = _served(manager)
     return {
@@ -54,5 +54,5 @@ async def set_alias(
         "version": version.version,
         "served": served["model"] if served else None,
         "swap": outcome,
-        "swap_error": manager.swap_error if outcome == "failed" else None,
+        "swap_error": (manager.swap_error or manager.load_error) if outcome == "failed" else None,
     }

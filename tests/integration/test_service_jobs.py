@@ -169,3 +169,26 @@ def test_redis_outage_leaves_scoring_up_and_job_routes_503(stack, redis_server) 
     finally:
         redis_server.start()
     wait_for(lambda: httpx.get(f"{url}/jobs").status_code == 200, 30, "job routes did not come back")
+
+
+def test_a_server_started_before_its_model_exists_serves_it_once_promoted(
+    tmp_path: Path, redis_server, tiny_encoder_rm: Path
+) -> None:
+    harness = JobHarness(tmp_path, redis_server.url)
+    s = harness.settings
+    try:
+        with live_server(
+            wait=False, model="rm:production", redis_url=s.redis_url,
+            artifacts_dir=s.artifacts_dir, data_dir=s.data_dir, model_poll_seconds=60,
+        ) as server:
+            wait_for(lambda: "no alias 'production'" in httpx.get(f"{server.url}/ready").text,
+                     30, "the not-ready reason was never reported")
+            assert httpx.get(f"{server.url}/ready").status_code == 503
+            assert _score(server.url).status_code == 503
+            Registry.from_artifacts(s.artifacts_dir).publish("rm", tiny_encoder_rm, {"kind": "reward_model"})
+            promoted = httpx.post(f"{server.url}/models/rm/aliases/production", json={"version": "v1"}, timeout=120)
+            assert promoted.json()["served"] == "rm@v1", promoted.text  # at once, not at the next poll
+            assert httpx.get(f"{server.url}/ready").status_code == 200
+            assert _score(server.url).json()["model"] == "rm@v1"
+    finally:
+        harness.close()
