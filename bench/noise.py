@@ -185,9 +185,9 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         gain = best["accuracy_mean"] - noisy_vanilla["accuracy_mean"]
         out.append({"name": f"{task}: best denoised at {noisiest:.0%} noise ({best['method']}) keeps "
                             "clean vanilla's accuracy above chance",
-                    "value": kept, "threshold": KEEP_FRACTION, "met": bool(kept >= KEEP_FRACTION)})
+                    "measured": kept, "threshold": KEEP_FRACTION, "met": bool(kept >= KEEP_FRACTION)})
         out.append({"name": f"{task}: best denoised minus vanilla accuracy at {noisiest:.0%} noise",
-                    "value": gain, "threshold": MIN_GAIN, "met": bool(gain >= MIN_GAIN)})
+                    "measured": gain, "threshold": MIN_GAIN, "met": bool(gain >= MIN_GAIN)})
     return out
 
 
@@ -206,7 +206,7 @@ def print_table(rows: list[dict[str, Any]], strength: list[dict[str, Any]],
               f"{'n/a' if recall is None else f'{recall:.1%}'}")
     for g in goals:
         print(f"target {'MET' if g['met'] else 'not met'}: {g['name']}: "
-              f"{g['value']:.3f} (threshold {g['threshold']})")
+              f"{g['measured']:.3f} (threshold {g['threshold']})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

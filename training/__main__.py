@@ -23,8 +23,8 @@ from typing import Any
 import typer
 import yaml
 
-from training.callbacks import TqdmCallback, TrainingCancelled
 from training.adapt import AdaptConfig, Adapter
+from training.callbacks import TqdmCallback, TrainingCancelled
 from training.dpo import DPOConfig, DPOTrainer
 from training.meta_train import MetaTrainConfig, MetaTrainer
 from training.metarm import MetaRMConfig, MetaRMTrainer
