@@ -100,34 +100,33 @@ _STATUS_TYPES = {
 }
 
 
+# Errors raised below the service (training/, worker/) that a client caused or must wait out.
+# Starlette picks the most specific handler along the raised class's MRO (InputTooLongError
+# before InputError).
+FOREIGN_ERRORS: dict[type[Exception], tuple[int, str, dict[str, str] | None]] = {
+    SpecError: (422, "invalid_spec", None),
+    JobStoreUnavailable: (503, "job_store_unavailable", {"Retry-After": "5"}),
+    ModelNotFoundError: (404, "model_not_found", None),
+    RegistryError: (422, "invalid_model_request", None),
+    InputTooLongError: (422, "input_too_long", None),
+    InputError: (422, "invalid_input", None),
+}
+
+
+def _foreign_handler(status: int, error_type: str, headers: dict[str, str] | None):
+    async def handle(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(status, error_type, str(exc), headers)
+
+    return handle
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status_code, exc.error_type, exc.message, exc.headers)
 
-    @app.exception_handler(SpecError)
-    async def _spec(_request: Request, exc: SpecError) -> JSONResponse:
-        return error_response(422, "invalid_spec", str(exc))
-
-    @app.exception_handler(JobStoreUnavailable)
-    async def _job_store(_request: Request, exc: JobStoreUnavailable) -> JSONResponse:
-        return error_response(503, "job_store_unavailable", str(exc), {"Retry-After": "5"})
-
-    @app.exception_handler(ModelNotFoundError)
-    async def _model_missing(_request: Request, exc: ModelNotFoundError) -> JSONResponse:
-        return error_response(404, "model_not_found", str(exc))
-
-    @app.exception_handler(RegistryError)
-    async def _registry(_request: Request, exc: RegistryError) -> JSONResponse:
-        return error_response(422, "invalid_model_request", str(exc))
-
-    @app.exception_handler(InputTooLongError)
-    async def _too_long(_request: Request, exc: InputTooLongError) -> JSONResponse:
-        return error_response(422, "input_too_long", str(exc))
-
-    @app.exception_handler(InputError)
-    async def _input(_request: Request, exc: InputError) -> JSONResponse:
-        return error_response(422, "invalid_input", str(exc))
+    for error_class, (status, error_type, headers) in FOREIGN_ERRORS.items():
+        app.add_exception_handler(error_class, _foreign_handler(status, error_type, headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
