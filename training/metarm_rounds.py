@@ -212,6 +212,8 @@ class MetaRMRounds:
             max_response_tokens=adapt_config.max_response_tokens,
             artifacts_dir=adapt_config.artifacts_dir,
             seed=adapt_config.seed,
+            # render prompts exactly as the Adapter of each round does
+            chat_template=adapt_config.chat_template,
         )
         if previous_policy_dir is not None:  # resuming after a complete round
             return Policy.from_pretrained(previous_policy_dir, **common)
