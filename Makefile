@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install test lint run up worker bench data clean
+.PHONY: install test lint run serve worker bench data clean
 
 install: $(VENV)/.installed
 
