@@ -22,6 +22,7 @@ from typing import Any
 
 from service.errors import Overloaded
 from service.metrics import Metrics
+from training.registry import reward_stats
 from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,7 @@ class ServedModel:
 
     @property
     def reward_stats(self) -> dict[str, float] | None:
-        stats = self.metadata.get("reward_stats")
-        if isinstance(stats, dict) and stats.get("std"):
-            return {"mean": float(stats["mean"]), "std": float(stats["std"])}
-        return None
+        return reward_stats(self.metadata)
 
 
 @dataclass

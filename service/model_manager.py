@@ -31,6 +31,10 @@ class ResolvedModel:
     version: str
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
 
 def resolve_reference(reference: str, settings: Settings) -> ResolvedModel:
     """Registry ``name[@version|:alias]`` first, then packaged short names, paths, hub ids."""
@@ -66,19 +70,14 @@ class ModelManager:
     def current(self) -> ServedModel | None:
         return self._current
 
-    @property
-    def ready(self) -> bool:
-        return self._current is not None
-
-    def load(self, reference: str) -> ServedModel:
-        """Resolve, load and warm a model (blocking: call from a thread)."""
-        resolved = resolve_reference(reference, self.settings)
+    def load(self, resolved: ResolvedModel) -> ServedModel:
+        """Load and warm a resolved model (blocking: call from a thread)."""
         rm = RewardModel.from_pretrained(
             resolved.path,
             device=self.settings.device,
             dtype=self.settings.dtype,
             max_input_tokens=self.settings.max_input_tokens,
-            name=f"{resolved.name}@{resolved.version}",
+            name=resolved.label,
         )
         # on the inference thread, which will run this model (see ScoringEngine.call)
         self.engine.call(lambda: rm.score(WARMUP_ITEMS)).result()
@@ -121,13 +120,13 @@ class ModelManager:
             log.warning("cannot resolve %s: %s", self.reference, exc)
             return None
         current = self._current
-        label = f"{target.name}@{target.version}"
+        label = target.label
         if current is not None and label == current.label:
             return None
         if label == self._failed_label:
             return None
         try:
-            served = self.load(self.reference)
+            served = self.load(target)
         except Exception as exc:
             self._failed_label = label
             self.swap_error = f"could not load {label}: {type(exc).__name__}: {exc}"
@@ -158,7 +157,7 @@ class ModelManager:
 
     def load_initial(self) -> None:
         try:
-            self.swap(self.load(self.reference))
+            self.swap(self.load(resolve_reference(self.reference, self.settings)))
             self.load_error = None
         except Exception as exc:
             error = f"could not load model {self.reference!r}: {type(exc).__name__}: {exc}"

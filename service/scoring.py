@@ -21,12 +21,6 @@ def check_item_count(count: int, limit: int) -> None:
         )
 
 
-async def score_encoded(
-    engine: ScoringEngine, model: ServedModel, encoded: Sequence[Sequence[int]]
-) -> list[float]:
-    return await asyncio.wrap_future(engine.submit(model, encoded))
-
-
 async def encode_and_score(
     engine: ScoringEngine,
     model: ServedModel,
@@ -41,7 +35,7 @@ async def encode_and_score(
         encoded = encode_many(payloads)
     else:
         encoded = await run_in_threadpool(encode_many, payloads)
-    scores = await score_encoded(engine, model, encoded)
+    scores = await asyncio.wrap_future(engine.submit(model, encoded))
     return scores, sum(len(ids) for ids in encoded)
 
 

@@ -85,6 +85,15 @@ def is_registry_reference(reference: str) -> bool:
     return False
 
 
+def reward_stats(metadata: dict[str, Any]) -> dict[str, float] | None:
+    """``{"mean", "std"}`` recorded at training time (what ``normalize: true`` uses), or None
+    when a version has none or a zero spread that nothing could be divided by."""
+    stats = metadata.get("reward_stats")
+    if isinstance(stats, dict) and "mean" in stats and stats.get("std"):
+        return {"mean": float(stats["mean"]), "std": float(stats["std"])}
+    return None
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -99,11 +108,7 @@ class ModelVersion:
 
     @property
     def reward_stats(self) -> dict[str, float] | None:
-        """``{"mean", "std"}`` recorded at training time (for ``normalize: true``), or None."""
-        stats = self.metadata.get("reward_stats")
-        if isinstance(stats, dict) and "mean" in stats and "std" in stats:
-            return {"mean": float(stats["mean"]), "std": float(stats["std"])}
-        return None
+        return reward_stats(self.metadata)
 
     def to_dict(self) -> dict[str, Any]:
         return {

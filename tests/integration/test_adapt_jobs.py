@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import live_server
+from tests.integration.stack import serving_production_rm
 from tests.worker.harness import JobHarness, wait_for, write_tiny_preferences
 from training.registry import Registry
 
@@ -57,16 +57,8 @@ def stack(tmp_path: Path, redis_server, tiny_encoder_rm: Path) -> Iterator[tuple
     _samples(harness.data_dir / "shifted.samples.jsonl", ["cooking"])
     (harness.data_dir / "cooking.prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    registry = Registry.from_artifacts(harness.artifacts)
-    registry.publish("rm", tiny_encoder_rm, {"kind": "reward_model", "algorithm": "none"})
-    registry.set_alias("rm", "production", "v1")
-    s = harness.settings
-    with live_server(
-        model="rm:production", redis_url=s.redis_url, artifacts_dir=s.artifacts_dir,
-        data_dir=s.data_dir, model_poll_seconds=0.5, job_max_attempts=s.job_max_attempts,
-        job_stale_seconds=s.job_stale_seconds,
-    ) as server:
-        yield harness, server.url
+    with serving_production_rm(harness, tiny_encoder_rm, model_poll_seconds=0.5) as url:
+        yield harness, url
     harness.close()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import live_server
+from tests.integration.stack import live_server_for, serving_production_rm
 from tests.worker.harness import JobHarness, wait_for, write_tiny_preferences
 from training.registry import Registry
 
@@ -27,16 +27,9 @@ def stack(tmp_path: Path, redis_server, tiny_encoder_rm: Path) -> Iterator[tuple
     harness = JobHarness(tmp_path, redis_server.url)
     write_tiny_preferences(harness.data_dir / "train.jsonl", 48, seed=0)
     write_tiny_preferences(harness.data_dir / "eval.jsonl", 16, seed=1)
-    registry = Registry.from_artifacts(harness.artifacts)
-    registry.publish("rm", tiny_encoder_rm, {"kind": "reward_model", "algorithm": "none"})
-    registry.set_alias("rm", "production", "v1")
-    s = harness.settings
-    with live_server(
-        model="rm:production", redis_url=s.redis_url, artifacts_dir=s.artifacts_dir,
-        data_dir=s.data_dir, enable_diagnostic_jobs=True, model_poll_seconds=0.2,
-        job_max_attempts=s.job_max_attempts, job_stale_seconds=s.job_stale_seconds,
-    ) as server:
-        yield harness, server.url
+    with serving_production_rm(harness, tiny_encoder_rm, enable_diagnostic_jobs=True,
+                               model_poll_seconds=0.2) as url:
+        yield harness, url
     harness.close()
 
 
@@ -177,10 +170,7 @@ def test_a_server_started_before_its_model_exists_serves_it_once_promoted(
     harness = JobHarness(tmp_path, redis_server.url)
     s = harness.settings
     try:
-        with live_server(
-            wait=False, model="rm:production", redis_url=s.redis_url,
-            artifacts_dir=s.artifacts_dir, data_dir=s.data_dir, model_poll_seconds=60,
-        ) as server:
+        with live_server_for(harness, wait=False, model="rm:production", model_poll_seconds=60) as server:
             wait_for(lambda: "no alias 'production'" in httpx.get(f"{server.url}/ready").text,
                      30, "the not-ready reason was never reported")
             assert httpx.get(f"{server.url}/ready").status_code == 503
