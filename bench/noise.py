@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", type=Path, default=Path("bench/data"))
     parser.add_argument("--work-dir", type=Path, default=Path("bench/results/noise_work"))
     parser.add_argument("--output", type=Path, default=Path("bench/results/noise.json"))
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN.json",
+                        help="write --output from these runs (e.g. per task or noise level) and exit")
     args = parser.parse_args(argv)
     if args.quick:
         args.tasks, args.noise, args.seeds, args.num_models = "csg", "0,0.4", 2, 2
@@ -241,8 +244,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# Run-local settings that may differ between merged runs; everything else must match.
+MERGE_FREE = ("tasks", "noise", "threads", "output", "work_dir", "merge", "command")
+
+
+def merge(paths: list[Path], output: Path) -> dict[str, Any]:
+    """One report from several runs of one configuration (say, one per task on separate
+    cores): rows and strength concatenated, targets recomputed over the union."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+
+    def comparable(run: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in run["config"].items() if k not in MERGE_FREE}
+
+    differing = sorted({k for run in runs[1:] for k, v in comparable(run).items()
+                        if comparable(runs[0]).get(k) != v})
+    if differing:
+        raise SystemExit(f"--merge: the runs differ in {differing}; merge one configuration only")
+    rows = [r for run in runs for r in run["rows"]]
+    keys = [(r["task"], r["noise"], r["method"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("--merge: a (task, noise, method) row appears in more than one run")
+    rows.sort(key=lambda r: (r["task"], r["noise"], list(METHODS).index(r["method"])))
+    strength = sorted((s for run in runs for s in run["strength"]), key=lambda s: (s["task"], s["noise"]))
+    goals = targets(rows)
+    print_table(rows, strength, goals)
+    report = {"config": comparable(runs[0]), "rows": rows, "strength": strength, "targets": goals,
+              "merged_runs": [{"file": str(p), "command": run["config"].get("command"),
+                               "tasks": run["config"]["tasks"], "noise": run["config"]["noise"],
+                               "threads": run["config"].get("threads"),
+                               "wall_seconds": run["total_wall_seconds"]}
+                              for p, run in zip(paths, runs, strict=True)],
+              "total_wall_seconds": sum(run["total_wall_seconds"] for run in runs)}
+    write_json_atomic(output, report)
+    print(f"\nwrote {output} (merged {len(runs)} runs)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output)
+    args.command = "python -m bench.noise " + " ".join(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)

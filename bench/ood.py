@@ -22,8 +22,10 @@ The adaptation draws come from the domain's shipped training samples, which are 
 reference policy's own samples (the domain's sampling distribution p).
 
     python -m bench.ood --quick        # minutes: 1 seed, 2 held-out domains per task, short runs
-    python -m bench.ood                # full: 3 seeds, every held-out domain
+    python -m bench.ood                # full: 3 seeds, 4 held-out domains per task
     python -m bench.ood --quick --methods base,bt,vanilla+rounds,metarm+adapt,metarm-phi+adapt
+    python -m bench.ood --tasks csg --output a.json & python -m bench.ood --tasks ka --output b.json
+    python -m bench.ood --merge a.json b.json   # one table, targets and figure from both
 
 Prints a table and writes bench/results/ood.json (rows, costs, targets).
 Target (the paper's claim): per task, meta beats both bt and dpo on ≥ 3 of 4 held-out domains
@@ -40,6 +42,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -59,6 +62,8 @@ from training.policy import Policy
 from training.reward_model import RewardModel
 
 METHODS = ("base", "dpo", "bt", "meta", *METARM_VARIANTS)
+# The DESIGN-literal MetaRM ablation is opt-in (--methods): it costs as much as a MetaRM row.
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "metarm-phi+adapt")
 
 
 @dataclass
@@ -71,10 +76,14 @@ class Settings:
     work_dir: str = "artifacts/bench/ood"
     source_domains: int = 8  # how many source domains (first N of the task's list)
     heldout_domains: int = 4  # how many held-out domains
-    # meta-training (and the same budget for BT and DPO)
-    outer_steps: int = 40
+    # meta-training (and the same budget for BT and DPO); sized so that the full run (3 seeds,
+    # 4 held-out domains, both tasks) takes about an hour per task on one core
+    outer_steps: int = 24
     inner_steps: int = 1
-    inner_lr: float = 1e-2
+    # α = 0.1 with per-token-mean margins in ℓ_PL: with summed log-probs (DESIGN's A) the
+    # margins are tens of nats apart and meta-training leaves the outer loss flat (README)
+    inner_lr: float = 1e-1
+    pl_length_normalized: bool = True
     outer_lr: float = 3e-4  # AdamW lr of φ, for BT and meta alike
     beta: float = 0.1  # MiniLM rewards move by O(0.1) in short runs: β = 1 leaves w ≈ uniform
     responses_per_prompt: int = 4
@@ -85,8 +94,8 @@ class Settings:
     dpo_lr: float = 5e-4
     lora_r: int = 8
     # adaptation
-    adapt_prompts: int = 16
-    adapt_steps: int = 20
+    adapt_prompts: int = 12
+    adapt_steps: int = 16
     adapt_lr: float = 5e-4
     adapt_batch_prompts: int = 4
     # evaluation
@@ -95,7 +104,7 @@ class Settings:
     eval_pairs: int = 48
     # MetaRM rows (issue 7)
     metarm_rounds: int = 2
-    metarm_steps: int = 8  # RM steps per round (MetaRM and vanilla alike)
+    metarm_steps: int = 6  # RM steps per round (MetaRM and vanilla alike)
     metarm_meta_lr: float = 0.1  # η (the README's toy value)
     metarm_meta_prompts: int = 8  # domain prompts sampled per round (k responses each)
     metarm_meta_batch: int = 2  # meta prompts per step
@@ -272,7 +281,8 @@ def run_seed(task: str, seed: int, s: Settings, cost: Cost,
                 outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
                 outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
                 inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
-                directional=s.directional, output_dir=str(work / "meta"), checkpoint_every=0,
+                directional=s.directional, pl_length_normalized=s.pl_length_normalized,
+                output_dir=str(work / "meta"), checkpoint_every=0,
                 eval_pairs=8, max_response_tokens=64, **common)
             meta_result = MetaTrainer(meta_config, tasks=meta_tasks).train()
         costs.update({"meta_step_s": meta_result.metrics["seconds_per_outer_step"],
@@ -389,13 +399,106 @@ def print_table(rows: list[dict]) -> None:
               f"{r['pl_accuracy_mean']:8.3f} ± {r['pl_accuracy_std']:5.3f}")
 
 
+def step_summary(step_costs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per task: the meta step's cost against a BT step of the same batch (mean over seeds)."""
+    summary = {}
+    for task, items in step_costs.items():
+        if all("meta_step_s" in c and "bt_step_s" in c for c in items):
+            meta = statistics.fmean(c["meta_step_s"] for c in items)
+            bt = statistics.fmean(c["bt_step_s"] for c in items)
+            summary[task] = {"meta_step_s": meta, "bt_step_s": bt, "ratio": meta / bt, "runs": items}
+        else:
+            summary[task] = {"runs": items}
+    return summary
+
+
+def build_report(s: Settings, per_seed: list[dict], round_records: list[dict],
+                 step_costs: dict[str, list[dict]], method_costs: dict[str, dict],
+                 figure: Path | None) -> dict[str, Any]:
+    """Table rows, targets and MetaRM curves from per-seed results (one run or merged runs)."""
+    rows = aggregate(per_seed)
+    report = {"settings": asdict(s), "rows": rows, "per_seed": per_seed,
+              "metarm_rounds": round_records, "step_cost": step_summary(step_costs),
+              "method_cost": method_costs,
+              "targets": targets(rows, s) + metarm_targets(rows, round_records, s.tasks)}
+    if round_records:
+        from bench.metarm_rows import variance_curves
+
+        report["metarm_variance_curves"] = variance_curves(round_records)
+        if figure is not None:
+            plot_variance(round_records, figure)
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print_table(report["rows"])
+    for task, summary in report["step_cost"].items():
+        if "ratio" in summary:
+            print(f"{task}: meta step {summary['meta_step_s']:.2f}s vs BT step "
+                  f"{summary['bt_step_s']:.3f}s → {summary['ratio']:.1f}×")
+    for task, curves in report.get("metarm_variance_curves", {}).items():
+        for method, points in curves.items():
+            print(f"{task} {method:16} diff variance by round: " + " ".join(f"{v:.4g}" for v in points))
+    for name, value in report["method_cost"].items():
+        print(f"{name:24} {value['wall_time_s']:8.1f}s  peak RSS {value['peak_rss_mb']} MB")
+    for t in report["targets"]:
+        print(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['measured']} (threshold {t['threshold']})")
+
+
+def merge(paths: list[Path], output: Path, figure: Path | None) -> dict[str, Any]:
+    """One report from several complete runs with the same settings (e.g. one per task, run on
+    separate cores). Refuses runs whose settings differ in anything but tasks and seeds, or
+    that repeat a (task, seed)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    incomplete = [str(p) for p, run in zip(paths, runs, strict=True) if not run.get("complete")]
+    if incomplete:
+        raise SystemExit(f"--merge: not complete (interrupted?): {', '.join(incomplete)}")
+
+    def comparable(run: dict) -> dict:
+        return {k: v for k, v in run["settings"].items() if k not in ("tasks", "seeds", "work_dir")}
+
+    if any(comparable(run) != comparable(runs[0]) for run in runs[1:]):
+        raise SystemExit("--merge: the runs' settings differ; merge only runs of one configuration")
+    seen: set[tuple[str, int, str]] = set()
+    for run in runs:
+        keys = {(r["task"], r["seed"], r["method"]) for r in run["per_seed"]}
+        if keys & seen:
+            raise SystemExit(f"--merge: (task, seed, method) repeated: {sorted(keys & seen)[:3]}")
+        seen |= keys
+    settings = dict(runs[0]["settings"])
+    settings["tasks"] = tuple(dict.fromkeys(t for run in runs for t in run["settings"]["tasks"]))
+    settings["seeds"] = tuple(sorted({r["seed"] for run in runs for r in run["per_seed"]}))
+    s = Settings(**settings)
+    step_costs: dict[str, list[dict]] = {}
+    method_costs: dict[str, dict] = {}
+    for run in runs:
+        for task, summary in run["step_cost"].items():
+            step_costs.setdefault(task, []).extend(summary["runs"])
+        method_costs.update(run["method_cost"])
+    report = build_report(s, [r for run in runs for r in run["per_seed"]],
+                          [r for run in runs for r in run["metarm_rounds"]], step_costs,
+                          method_costs, figure)
+    report.update({"quick": runs[0]["quick"], "complete": True,
+                   "methods": list(dict.fromkeys(m for run in runs for m in run["methods"])),
+                   "merged_runs": [{"file": str(p), "command": run.get("command"),
+                                    "tasks": run["settings"]["tasks"], "wall_time_s": run["wall_time_s"]}
+                                   for p, run in zip(paths, runs, strict=True)],
+                   "wall_time_s": sum(run["wall_time_s"] for run in runs),
+                   "torch_threads": runs[0].get("torch_threads")})
+    write_json_atomic(output, report)
+    print_report(report)
+    print(f"wrote {output} (merged {len(runs)} runs)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, 2 held-out domains")
     parser.add_argument("--tasks", default=None, help="comma list (default csg,ka)")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
     parser.add_argument("--methods", default=None,
-                        help=f"comma list of methods to run (default all: {','.join(METHODS)})")
+                        help=f"comma list of methods to run (default {','.join(DEFAULT_METHODS)}; "
+                             f"all: {','.join(METHODS)})")
     parser.add_argument("--figure", default="bench/results/metarm_variance.png",
                         help="MetaRM reward-difference variance figure (written when MetaRM rows run)")
     parser.add_argument("--bench-root", default="bench/data")
@@ -407,7 +510,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a Settings field, e.g. --set beta=0.1 (repeatable)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest on a shared CPU; 0 = torch default)")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN.json",
+                        help="write --output from these complete runs (e.g. one per task) and exit")
     args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, Path(args.output), Path(args.figure) if args.figure else None)
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -426,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         if key not in Settings.__dataclass_fields__ or key in ("tasks", "seeds"):
             parser.error(f"--set: unknown or list field {key!r}")
         current = getattr(s, key)
-        s = replace(s, **{key: type(current)(raw)})
-    methods = METHODS
+        value = raw.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(raw)
+        s = replace(s, **{key: value})
+    methods = DEFAULT_METHODS
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         unknown = sorted(set(methods) - set(METHODS))
@@ -436,34 +545,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     cost = Cost()
     per_seed, step_costs, round_records = [], {}, []
+    command = "python -m bench.ood " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    def write(final: bool) -> tuple[list[dict], list[dict]]:
-        rows = aggregate(per_seed)
-        step_summary = {}
-        for task, items in step_costs.items():
-            if all("meta_step_s" in c and "bt_step_s" in c for c in items):
-                meta = statistics.fmean(c["meta_step_s"] for c in items)
-                bt = statistics.fmean(c["bt_step_s"] for c in items)
-                step_summary[task] = {"meta_step_s": meta, "bt_step_s": bt, "ratio": meta / bt,
-                                      "runs": items}
-            else:
-                step_summary[task] = {"runs": items}
+    def write(final: bool) -> dict[str, Any]:
         method_costs = {m: {"wall_time_s": round(cost.seconds[m], 1), "peak_rss_mb": round(cost.peak_mb[m])}
                         for m in sorted(cost.seconds)}
-        found = targets(rows, s) + metarm_targets(rows, round_records, s.tasks)
-        payload = {"settings": asdict(s), "quick": args.quick, "methods": list(methods),
-                   "complete": final, "rows": rows, "per_seed": per_seed,
-                   "metarm_rounds": round_records, "step_cost": step_summary,
-                   "method_cost": method_costs, "targets": found,
-                   "wall_time_s": time.monotonic() - started, "torch_threads": torch.get_num_threads()}
-        if round_records:
-            from bench.metarm_rows import variance_curves
-
-            payload["metarm_variance_curves"] = variance_curves(round_records)
-            plot_variance(round_records, Path(args.figure))
+        report = build_report(s, per_seed, round_records, step_costs, method_costs,
+                              Path(args.figure) if args.figure else None)
+        report.update({"quick": args.quick, "methods": list(methods), "complete": final,
+                       "command": command, "wall_time_s": time.monotonic() - started,
+                       "torch_threads": torch.get_num_threads()})
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(args.output), payload)
-        return rows, found
+        write_json_atomic(Path(args.output), report)
+        return report
 
     for task in s.tasks:
         for seed in s.seeds:
@@ -473,25 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             round_records.extend(records)
             step_costs.setdefault(task, []).append(costs)
             write(final=False)  # partial results survive an interrupted run
-    rows, found = write(final=True)
-    print_table(rows)
-    for task, items in step_costs.items():
-        if all("meta_step_s" in c and "bt_step_s" in c for c in items):
-            meta = statistics.fmean(c["meta_step_s"] for c in items)
-            bt = statistics.fmean(c["bt_step_s"] for c in items)
-            print(f"{task}: meta step {meta:.2f}s vs BT step {bt:.3f}s → {meta / bt:.1f}×")
-    if round_records:
-        from bench.metarm_rows import variance_curves
-
-        for task, curves in variance_curves(round_records).items():
-            for method, points in curves.items():
-                print(f"{task} {method:16} diff variance by round: " + " ".join(f"{v:.4g}" for v in points))
-    method_costs = {m: {"wall_time_s": round(cost.seconds[m], 1), "peak_rss_mb": round(cost.peak_mb[m])}
-                    for m in sorted(cost.seconds)}
-    for name, value in method_costs.items():
-        print(f"{name:10} {value['wall_time_s']:8.1f}s  peak RSS {value['peak_rss_mb']} MB")
-    for t in found:
-        print(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['measured']} (threshold {t['threshold']})")
+    print_report(write(final=True))
     print(f"wrote {args.output} in {time.monotonic() - started:.0f}s")
     return 0
 

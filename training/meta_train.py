@@ -151,6 +151,9 @@ class MetaTrainConfig:
     directional: Directional = "jvp"  # ⟨∇θ log π, g⟩ by forward-mode AD or central FD
     fd_eps: float = 1e-3  # norm of the finite-difference step along g
     bt_weight: float = 0.0  # > 0 adds bt_weight × Bradley–Terry loss of r_φ on the pairs
+    # A from per-token mean log-probs instead of sums (DESIGN's A is the sum): summed margins of
+    # real responses are tens of nats apart, which saturates σ(A) and flattens ℓ_PL
+    pl_length_normalized: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip of φ's hypergradient; 0 disables
     # --- lengths
@@ -313,11 +316,13 @@ class MetaTrainer:
         return (weights.to(logp.device) * logp).sum() / batch.num_prompts
 
     def pl_margins(self, pairs: PairBatch, params=None) -> torch.Tensor:
-        """A = log π(y_w|x) − log π(y_l|x) for each pair, one forward pass."""
+        """A = log π(y_w|x) − log π(y_l|x) for each pair, one forward pass (per-token means
+        with ``pl_length_normalized``)."""
         n = len(pairs.prompts)
-        logp = self.policy.sequence_logprobs(
-            pairs.prompts * 2, pairs.chosen + pairs.rejected, params=params
-        )
+        encoded = self.policy.encode(pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        logp = self.policy.batch_logprobs(encoded, params)
+        if self.config.pl_length_normalized:
+            logp = logp / encoded.response_mask.sum(dim=1).clamp(min=1).to(logp.dtype)
         return logp[:n] - logp[n:]
 
     def _grads(self, output: torch.Tensor, params: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:

@@ -91,6 +91,24 @@ def test_first_order_equals_autograd_through_one_inner_step(float64_models, lora
     assert (finite_difference - exact).norm() / exact.norm() <= 1e-3
 
 
+def test_length_normalized_margins_are_per_token_means(float64_models):
+    trainer = make_trainer(float64_models, lora=True, pl_length_normalized=True, inner_lr=0.05)
+    _, pairs = trainer.draw_batches(trainer.tasks[0])
+    policy, n = trainer.policy, len(pairs.prompts)
+    encoded = policy.encode(pairs.prompts * 2, pairs.chosen + pairs.rejected)
+    with torch.no_grad():
+        summed = policy.batch_logprobs(encoded)
+        tokens = encoded.response_mask.sum(dim=1).to(summed.dtype)
+        assert len(set(tokens.tolist())) > 1  # the check means something only if lengths differ
+        expected = summed[:n] / tokens[:n] - summed[n:] / tokens[n:]
+        torch.testing.assert_close(trainer.pl_margins(pairs), expected)
+    # the first-order hypergradient stays exact at D = 1 under the normalized outer loss
+    inner, pairs = trainer.draw_batches(trainer.tasks[1])
+    exact = hypergradient(trainer, inner, pairs, "exact")
+    first = hypergradient(trainer, inner, pairs, "first_order", "jvp")
+    assert exact.norm() > 0 and (first - exact).norm() / exact.norm() <= 1e-4
+
+
 def test_first_order_close_to_exact_over_three_inner_steps(float64_models):
     trainer = make_trainer(float64_models, lora=False, inner_steps=3, inner_lr=1e-3)
     inner, pairs = trainer.draw_batches(trainer.tasks[1])

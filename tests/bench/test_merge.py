@@ -1,0 +1,95 @@
+"""Merging benchmark runs made on separate cores into one report (bench.noise / bench.ood --merge)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from bench import noise, ood
+
+NOISE_CONFIG = {"seeds": 3, "num_models": 3, "epochs": 2.0, "max_train_pairs": 192, "quick": False}
+
+
+def noise_run(path, *, tasks, noise_levels, rows, **config):
+    payload = {"config": {**NOISE_CONFIG, "tasks": tasks, "noise": noise_levels, "threads": 1,
+                          "output": str(path), "work_dir": "w", **config},
+               "rows": rows, "strength": [], "targets": [], "total_wall_seconds": 10.0}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def noise_row(task, level, method, accuracy):
+    return {"task": task, "noise": level, "method": method, "seeds": 3, "accuracy_mean": accuracy,
+            "accuracy_std": 0.0, "ece_mean": 0.1, "wall_seconds_mean": 1.0, "runs": []}
+
+
+def test_noise_merge_recomputes_targets_over_the_union(tmp_path):
+    clean = noise_run(tmp_path / "a.json", tasks="ka", noise_levels="0",
+                      rows=[noise_row("ka", 0.0, "vanilla", 0.80)])
+    noisy = noise_run(tmp_path / "b.json", tasks="ka", noise_levels="0.4",
+                      rows=[noise_row("ka", 0.4, "vanilla", 0.60), noise_row("ka", 0.4, "flip", 0.78)])
+    report = noise.main(["--merge", str(clean), str(noisy), "--output", str(tmp_path / "m.json")])
+    assert [(r["noise"], r["method"]) for r in report["rows"]] == [
+        (0.0, "vanilla"), (0.4, "vanilla"), (0.4, "flip")]
+    keep, gain = report["targets"]
+    assert keep["measured"] == pytest.approx(0.28 / 0.30) and keep["met"]
+    assert gain["measured"] == pytest.approx(0.18) and gain["met"]
+    assert json.loads((tmp_path / "m.json").read_text())["targets"] == report["targets"]
+
+
+def test_noise_merge_refuses_other_configurations_and_repeated_rows(tmp_path):
+    a = noise_run(tmp_path / "a.json", tasks="ka", noise_levels="0",
+                  rows=[noise_row("ka", 0.0, "vanilla", 0.8)])
+    other = noise_run(tmp_path / "b.json", tasks="ka", noise_levels="0.4",
+                      rows=[noise_row("ka", 0.4, "vanilla", 0.6)], epochs=1.0)
+    with pytest.raises(SystemExit, match="epochs"):
+        noise.main(["--merge", str(a), str(other), "--output", str(tmp_path / "m.json")])
+    again = noise_run(tmp_path / "c.json", tasks="ka", noise_levels="0",
+                      rows=[noise_row("ka", 0.0, "vanilla", 0.7)])
+    with pytest.raises(SystemExit, match="more than one run"):
+        noise.main(["--merge", str(a), str(again), "--output", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
+def ood_run(path, task, gold_by_method, *, complete=True, **settings):
+    s = ood.Settings(tasks=(task,), **settings)
+    per_seed = [{"task": task, "domain": f"d{d}", "method": method, "seed": seed,
+                 "gold": gold + 0.01 * seed, "pl_accuracy": 0.5}
+                for d in range(4) for method, gold in gold_by_method.items() for seed in (0, 1, 2)]
+    payload = {"settings": asdict(s), "quick": False, "methods": list(gold_by_method),
+               "complete": complete, "rows": [], "per_seed": per_seed, "metarm_rounds": [],
+               "step_cost": {task: {"runs": [{"meta_step_s": 6.0, "bt_step_s": 0.3}] * 3}},
+               "method_cost": {f"{task}/meta": {"wall_time_s": 1.0, "peak_rss_mb": 1}},
+               "targets": [], "wall_time_s": 100.0, "command": f"python -m bench.ood --tasks {task}"}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_ood_merge_joins_tasks_and_recomputes_targets(tmp_path):
+    csg = ood_run(tmp_path / "csg.json", "csg", {"bt": 0.2, "dpo": 0.1, "meta": 0.3})
+    ka = ood_run(tmp_path / "ka.json", "ka", {"bt": 0.2, "dpo": 0.1, "meta": 0.15})
+    out = tmp_path / "ood.json"
+    assert ood.main(["--merge", str(csg), str(ka), "--output", str(out), "--figure", ""]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["tasks"] == ["csg", "ka"] and report["settings"]["seeds"] == [0, 1, 2]
+    assert len(report["rows"]) == 2 * 4 * 3 and all(r["seeds"] == 3 for r in report["rows"])
+    gold = {t["name"].split(":")[0]: t for t in report["targets"] if "on gold" in t["name"]}
+    assert gold["csg"]["measured"] == 4 and gold["csg"]["met"]
+    assert gold["ka"]["measured"] == 0 and not gold["ka"]["met"]
+    assert report["step_cost"]["csg"]["ratio"] == pytest.approx(20.0)
+    assert report["wall_time_s"] == 200.0 and len(report["merged_runs"]) == 2
+
+
+def test_ood_merge_refuses_incomplete_or_different_runs(tmp_path):
+    csg = ood_run(tmp_path / "csg.json", "csg", {"bt": 0.2})
+    partial = ood_run(tmp_path / "ka.json", "ka", {"bt": 0.2}, complete=False)
+    with pytest.raises(SystemExit, match="not complete"):
+        ood.main(["--merge", str(csg), str(partial), "--output", str(tmp_path / "o.json")])
+    other = ood_run(tmp_path / "ka2.json", "ka", {"bt": 0.2}, outer_steps=3)
+    with pytest.raises(SystemExit, match="settings differ"):
+        ood.main(["--merge", str(csg), str(other), "--output", str(tmp_path / "o.json")])
+    twice = ood_run(tmp_path / "csg2.json", "csg", {"bt": 0.2})
+    with pytest.raises(SystemExit, match="repeated"):
+        ood.main(["--merge", str(csg), str(twice), "--output", str(tmp_path / "o.json")])
