@@ -261,8 +261,17 @@ class JobStore:
     def counts(self) -> dict[str, int]:
         """Jobs per status (for ``/metrics``)."""
         counts = dict.fromkeys(STATUSES, 0)
-        for record in self.list(limit=self.redis.zcard(self.INDEX_KEY) or 1):
-            counts[record["status"]] = counts.get(record["status"], 0) + 1
+        # Only the status field of each record: a scrape must not pull every job's spec and
+        # metrics over the wire. Still O(jobs); records never expire (README, "Noticed").
+        ids = self.redis.zrange(self.INDEX_KEY, 0, -1)
+        for chunk in range(0, len(ids), 1000):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids[chunk : chunk + 1000]:
+                pipe.hget(self.record_key(job_id.decode()), "status")
+            for raw in pipe.execute():
+                if raw is not None:
+                    status = json.loads(raw)  # fields are stored JSON-encoded
+                    counts[status] = counts.get(status, 0) + 1
         return counts
 
     def active_ids(self) -> list[str]:

@@ -218,12 +218,13 @@ ACCURACY_TOLERANCE = 0.1
 def test_toy_shift_metarm_keeps_shifted_variance_above_vanilla(tiny_encoder_rm, tmp_path):
     """Same seed, data order and steps; η = 0 is vanilla Bradley–Terry.
 
-    The claim holds for the alternating form (ascent kept, ``apply_at="phi_prime"``). The
-    DESIGN §7 form (``apply_at="phi"``) does not show it on this toy: to first order in η its
-    iterates are vanilla's shifted by −η∇J, so it ends *below* vanilla (see the README).
+    The claim holds for the default form (ascent kept, ``apply_at="phi_prime"``). DESIGN §7's
+    literal form (``apply_at="phi"``) adds −lr·η·H_BT·∇J to vanilla's step to first order, so
+    it can only lower J: it ends *below* vanilla, which the last assertion pins down.
     """
     vanilla = _toy_run(tmp_path, tiny_encoder_rm, "vanilla", meta_lr=0.0)
-    metarm = _toy_run(tmp_path, tiny_encoder_rm, "metarm", meta_lr=0.1, apply_at="phi_prime")
+    metarm = _toy_run(tmp_path, tiny_encoder_rm, "metarm", meta_lr=0.1)
+    literal = _toy_run(tmp_path, tiny_encoder_rm, "literal", meta_lr=0.1, apply_at="phi")
 
     assert vanilla["source_accuracy_after"] >= 0.9  # the source preferences were learned
     assert (
@@ -236,6 +237,7 @@ def test_toy_shift_metarm_keeps_shifted_variance_above_vanilla(tiny_encoder_rm, 
         assert metrics["shifted_diff_var_before"] == pytest.approx(
             vanilla["shifted_diff_var_before"]
         )
+    assert literal["shifted_diff_var_after"] < vanilla["shifted_diff_var_after"]
 
 
 class StopAfter:

@@ -112,7 +112,8 @@ def test_list_newest_first_with_status_filter(jobs: JobHarness) -> None:
     store.cancel("job-1")
     assert [r["id"] for r in jobs.client.list(limit=3)] == ["job-4", "job-3", "job-2"]
     assert [r["id"] for r in jobs.client.list(status="cancelled")] == ["job-1"]
-    assert jobs.client.counts()["queued"] == 4
+    assert jobs.client.counts() == {"queued": 4, "running": 0, "succeeded": 0, "failed": 0,
+                                    "cancelled": 1}
     with pytest.raises(ValueError):
         jobs.client.list(status="done")
 
