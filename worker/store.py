@@ -262,7 +262,7 @@ class JobStore:
         """Jobs per status (for ``/metrics``)."""
         counts = dict.fromkeys(STATUSES, 0)
         # Only the status field of each record: a scrape must not pull every job's spec and
-        # metrics over the wire. Still O(jobs); records never expire (README, "Noticed").
+        # metrics over the wire. Still O(jobs), and records never expire (README, job system).
         ids = self.redis.zrange(self.INDEX_KEY, 0, -1)
         for chunk in range(0, len(ids), 1000):
             pipe = self.redis.pipeline(transaction=False)
