@@ -447,13 +447,15 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"[{'met' if t['met'] else 'NOT met'}] {t['name']}: {t['measured']} (threshold {t['threshold']})")
 
 
-def merge(paths: list[Path], output: Path, figure: Path | None) -> dict[str, Any]:
-    """One report from several complete runs with the same settings (e.g. one per task, run on
-    separate cores). Refuses runs whose settings differ in anything but tasks and seeds, or
-    that repeat a (task, seed)."""
+def merge(paths: list[Path], output: Path, figure: Path | None, *,
+          partial_ok: bool = False) -> dict[str, Any]:
+    """One report from several runs with the same settings (e.g. one per task, run on separate
+    cores). Refuses runs whose settings differ in anything but tasks and seeds, or that repeat
+    a (task, seed). An interrupted run holds only the seeds it finished (it is written after
+    each one); ``partial_ok`` takes those, and the report lists the seeds per task."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     incomplete = [str(p) for p, run in zip(paths, runs, strict=True) if not run.get("complete")]
-    if incomplete:
+    if incomplete and not partial_ok:
         raise SystemExit(f"--merge: not complete (interrupted?): {', '.join(incomplete)}")
 
     def comparable(run: dict) -> dict:
@@ -480,24 +482,31 @@ def merge(paths: list[Path], output: Path, figure: Path | None) -> dict[str, Any
     report = build_report(s, [r for run in runs for r in run["per_seed"]],
                           [r for run in runs for r in run["metarm_rounds"]], step_costs,
                           method_costs, figure)
-    report.update({"quick": runs[0]["quick"], "complete": True,
+    seeds_per_task = {task: sorted({r["seed"] for r in report["per_seed"] if r["task"] == task})
+                      for task in s.tasks}
+    report.update({"quick": runs[0]["quick"], "complete": not incomplete,
+                   "seeds_per_task": seeds_per_task,
                    "methods": list(dict.fromkeys(m for run in runs for m in run["methods"])),
                    "merged_runs": [{"file": str(p), "command": run.get("command"),
-                                    "tasks": run["settings"]["tasks"], "wall_time_s": run["wall_time_s"]}
+                                    "tasks": run["settings"]["tasks"], "complete": run["complete"],
+                                    "wall_time_s": run["wall_time_s"]}
                                    for p, run in zip(paths, runs, strict=True)],
                    "wall_time_s": sum(run["wall_time_s"] for run in runs),
                    "torch_threads": runs[0].get("torch_threads")})
     write_json_atomic(output, report)
     print_report(report)
+    print(f"seeds per task: {seeds_per_task}")
     print(f"wrote {output} (merged {len(runs)} runs)")
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few minutes: 1 seed, 2 held-out domains")
     parser.add_argument("--tasks", default=None, help="comma list (default csg,ka)")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1)")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (first-seed..+N-1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start the seeds here (run a missing seed alone, then --merge it)")
     parser.add_argument("--methods", default=None,
                         help=f"comma list of methods to run (default {','.join(DEFAULT_METHODS)}; "
                              f"all: {','.join(METHODS)})")
@@ -514,19 +523,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (1 is fastest on a shared CPU; 0 = torch default)")
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN.json",
                         help="write --output from these complete runs (e.g. one per task) and exit")
-    args = parser.parse_args(argv)
-    if args.merge:
-        merge(args.merge, Path(args.output), Path(args.figure) if args.figure else None)
-        return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    parser.add_argument("--partial-ok", action="store_true",
+                        help="--merge also takes interrupted runs: their finished (task, seed)s count")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
     s = Settings.quick() if args.quick else Settings()
     s = replace(s, bench_root=args.bench_root, work_dir=args.work_dir)
     if args.tasks:
         s = replace(s, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()))
-    if args.seeds:
-        s = replace(s, seeds=tuple(range(args.seeds)))
+    if args.seeds or args.first_seed:
+        count = args.seeds or len(s.seeds)
+        s = replace(s, seeds=tuple(range(args.first_seed, args.first_seed + count)))
     if args.outer_steps:
         s = replace(s, outer_steps=args.outer_steps)
     if args.heldout_domains:
@@ -538,6 +547,20 @@ def main(argv: list[str] | None = None) -> int:
         current = getattr(s, key)
         value = raw.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(raw)
         s = replace(s, **{key: value})
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge:
+        merge(args.merge, Path(args.output), Path(args.figure) if args.figure else None,
+              partial_ok=args.partial_ok)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    s = settings_from_args(args, parser)
     methods = DEFAULT_METHODS
     if args.methods:
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())

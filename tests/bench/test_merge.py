@@ -53,11 +53,11 @@ def test_noise_merge_refuses_other_configurations_and_repeated_rows(tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
-def ood_run(path, task, gold_by_method, *, complete=True, **settings):
+def ood_run(path, task, gold_by_method, *, complete=True, seeds=(0, 1, 2), **settings):
     s = ood.Settings(tasks=(task,), **settings)
     per_seed = [{"task": task, "domain": f"d{d}", "method": method, "seed": seed,
                  "gold": gold + 0.01 * seed, "pl_accuracy": 0.5}
-                for d in range(4) for method, gold in gold_by_method.items() for seed in (0, 1, 2)]
+                for d in range(4) for method, gold in gold_by_method.items() for seed in seeds]
     payload = {"settings": asdict(s), "quick": False, "methods": list(gold_by_method),
                "complete": complete, "rows": [], "per_seed": per_seed, "metarm_rounds": [],
                "step_cost": {task: {"runs": [{"meta_step_s": 6.0, "bt_step_s": 0.3}] * 3}},
@@ -93,3 +93,25 @@ def test_ood_merge_refuses_incomplete_or_different_runs(tmp_path):
     twice = ood_run(tmp_path / "csg2.json", "csg", {"bt": 0.2})
     with pytest.raises(SystemExit, match="repeated"):
         ood.main(["--merge", str(csg), str(twice), "--output", str(tmp_path / "o.json")])
+
+
+def test_ood_merge_of_an_interrupted_run_and_its_missing_seed(tmp_path):
+    interrupted = ood_run(tmp_path / "ka01.json", "ka", {"bt": 0.2, "dpo": 0.1, "meta": 0.3},
+                          complete=False, seeds=(0, 1))
+    missing = ood_run(tmp_path / "ka2.json", "ka", {"bt": 0.2, "dpo": 0.1, "meta": 0.3}, seeds=(2,))
+    out = tmp_path / "ood.json"
+    ood.main(["--merge", str(interrupted), "--partial-ok", "--output", str(out), "--figure", ""])
+    alone = json.loads(out.read_text())
+    assert not alone["complete"] and alone["seeds_per_task"] == {"ka": [0, 1]}
+    ood.main(["--merge", str(interrupted), str(missing), "--partial-ok", "--output", str(out),
+              "--figure", ""])
+    joined = json.loads(out.read_text())
+    assert joined["seeds_per_task"] == {"ka": [0, 1, 2]}
+    assert all(r["seeds"] == 3 for r in joined["rows"])
+
+
+@pytest.mark.parametrize(("argv", "seeds"), [([], (0, 1, 2)), (["--first-seed", "2", "--seeds", "1"], (2,)),
+                                             (["--first-seed", "1"], (1, 2, 3)), (["--quick"], (0,))])
+def test_first_seed_selects_the_seeds_to_run(argv, seeds):
+    parser = ood.build_parser()
+    assert ood.settings_from_args(parser.parse_args(argv), parser).seeds == seeds
