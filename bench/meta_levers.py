@@ -16,30 +16,26 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.ood import Settings, policy_draws, sampling_params
+from bench.ood import Settings, meta_train_config, policy_draws, sampling_params
 from training.data import load_benchmark
-from training.meta_train import MetaTask, MetaTrainConfig, MetaTrainer
+from training.meta_train import MetaTask, MetaTrainer
 
 KEYS = ("outer_loss", "outer_pl_accuracy", "rm_accuracy")
 
 
 def run(task: str, inner_lr: float, normalized: bool, a: argparse.Namespace) -> dict:
-    s = Settings()
+    s = replace(Settings(), outer_steps=a.steps, inner_lr=inner_lr, pl_length_normalized=normalized)
     bench = load_benchmark(task, root=a.bench_root)
     tasks = [MetaTask(d, policy_draws(bench.samples(d, "train")), bench.pairs(d, "train"))
              for d in bench.source_domains[: a.source_domains]]
-    config = MetaTrainConfig(
-        reward_model=s.reward_model, policy=s.policy, policy_lora_r=s.lora_r,
-        chat_template=sampling_params(task).chat, outer_steps=a.steps, inner_steps=1,
-        inner_lr=inner_lr, outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=4,
-        inner_batch_prompts=2, outer_batch_pairs=8, directional="fd",
-        pl_length_normalized=normalized, checkpoint_every=0, eval_pairs=a.eval_pairs,
-        max_response_tokens=64, device="cpu", seed=a.seed,
-        output_dir=str(Path(a.work_dir) / f"{task}-a{inner_lr:g}-n{int(normalized)}"))
+    config = meta_train_config(
+        s, chat=sampling_params(task).chat, seed=a.seed, eval_pairs=a.eval_pairs,
+        output_dir=Path(a.work_dir) / f"{task}-a{inner_lr:g}-n{int(normalized)}")
     started = time.monotonic()
     result = MetaTrainer(config, tasks=tasks).train()
     before = result.history[0]

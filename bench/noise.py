@@ -18,6 +18,7 @@ the clean vanilla model's accuracy above chance, and beats vanilla at 40 % by â‰
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -251,8 +252,6 @@ MERGE_FREE = ("tasks", "noise", "threads", "output", "work_dir", "merge", "comma
 def merge(paths: list[Path], output: Path) -> dict[str, Any]:
     """One report from several runs of one configuration (say, one per task on separate
     cores): rows and strength concatenated, targets recomputed over the union."""
-    import json
-
     runs = [json.loads(Path(p).read_text()) for p in paths]
 
     def comparable(run: dict[str, Any]) -> dict[str, Any]:

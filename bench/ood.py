@@ -257,6 +257,19 @@ def bt_step_seconds(rm_ref: str, pairs, batch: int, steps: int = 4) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
+def meta_train_config(s: Settings, *, chat: bool, output_dir: Path, seed: int,
+                      eval_pairs: int = 8) -> MetaTrainConfig:
+    """The benchmark's meta-training run (also what ``bench.meta_levers`` varies)."""
+    return MetaTrainConfig(
+        reward_model=s.reward_model, policy=s.policy, policy_lora_r=s.lora_r, chat_template=chat,
+        outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
+        outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
+        inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
+        directional=s.directional, pl_length_normalized=s.pl_length_normalized,
+        output_dir=str(output_dir), checkpoint_every=0, eval_pairs=eval_pairs,
+        max_response_tokens=64, device="cpu", seed=seed)
+
+
 def run_seed(task: str, seed: int, s: Settings, cost: Cost,
              methods: tuple[str, ...] = METHODS) -> tuple[list[dict], dict, list[dict]]:
     """Rows of one task and seed; (rows, step costs, MetaRM per-round records)."""
@@ -278,14 +291,7 @@ def run_seed(task: str, seed: int, s: Settings, cost: Cost,
     meta_result = dpo = None
     if "meta" in methods:
         with cost.measure(f"{task}/meta"):
-            meta_config = MetaTrainConfig(
-                reward_model=s.reward_model, policy=s.policy, policy_lora_r=s.lora_r, chat_template=chat,
-                outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
-                outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
-                inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
-                directional=s.directional, pl_length_normalized=s.pl_length_normalized,
-                output_dir=str(work / "meta"), checkpoint_every=0,
-                eval_pairs=8, max_response_tokens=64, **common)
+            meta_config = meta_train_config(s, chat=chat, output_dir=work / "meta", seed=seed)
             meta_result = MetaTrainer(meta_config, tasks=meta_tasks).train()
         costs.update({"meta_step_s": meta_result.metrics["seconds_per_outer_step"],
                       "meta_outer_pl_accuracy": meta_result.metrics["outer_pl_accuracy"],

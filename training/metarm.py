@@ -80,7 +80,7 @@ class MetaRMConfig:
     MetaRM exists to keep (README, "MetaRM")."""
 
     lr: float = 1e-5
-    """Learning rate of the optimizer applying the BT gradient at φ."""
+    """Learning rate of the optimizer applying the BT gradient (at φ' or φ, per ``apply_at``)."""
     optimizer: str = "adamw"
     """``adamw`` or ``sgd`` (plain, no momentum)."""
     weight_decay: float = 0.0
