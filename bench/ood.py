@@ -27,6 +27,7 @@ reference policy's own samples (the domain's sampling distribution p).
     python -m bench.ood --quick --methods base,bt,vanilla+rounds,metarm+adapt,metarm-phi+adapt
     python -m bench.ood --tasks csg --output a.json & python -m bench.ood --tasks ka --output b.json
     python -m bench.ood --merge a.json b.json   # one table, targets and figure from both
+    python -m bench.ood --jobs 2                # the same, one process per (task, seed), 2 at once
 
 Prints a table and writes bench/results/ood.json (rows, costs, targets).
 Target (the paper's claim): per task, meta beats both bt and dpo on ≥ 3 of 4 held-out domains
@@ -43,9 +44,11 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -411,12 +414,13 @@ def step_summary(step_costs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per task: the meta step's cost against a BT step of the same batch (mean over seeds)."""
     summary = {}
     for task, items in step_costs.items():
-        if all("meta_step_s" in c and "bt_step_s" in c for c in items):
-            meta = statistics.fmean(c["meta_step_s"] for c in items)
-            bt = statistics.fmean(c["bt_step_s"] for c in items)
-            summary[task] = {"meta_step_s": meta, "bt_step_s": bt, "ratio": meta / bt, "runs": items}
-        else:
-            summary[task] = {"runs": items}
+        # runs without meta-training (MetaRM rows alone, say) have no meta step to compare
+        timed = [c for c in items if "meta_step_s" in c and "bt_step_s" in c]
+        summary[task] = {"runs": items}
+        if timed:
+            meta = statistics.fmean(c["meta_step_s"] for c in timed)
+            bt = statistics.fmean(c["bt_step_s"] for c in timed)
+            summary[task].update({"meta_step_s": meta, "bt_step_s": bt, "ratio": meta / bt})
     return summary
 
 
@@ -484,7 +488,15 @@ def merge(paths: list[Path], output: Path, figure: Path | None, *,
     for run in runs:
         for task, summary in run["step_cost"].items():
             step_costs.setdefault(task, []).extend(summary["runs"])
-        method_costs.update(run["method_cost"])
+        for name, value in run["method_cost"].items():
+            task, _, method = name.partition("/")
+            if method not in run["methods"]:
+                # e.g. the BT RM that a run of MetaRM rows alone trained to start its rounds from:
+                # not the cost of the bt rows another run reported
+                name = f"{task}/{method} (prerequisite of {', '.join(run['methods'])})"
+            total = method_costs.setdefault(name, {"wall_time_s": 0.0, "peak_rss_mb": 0})
+            total["wall_time_s"] = round(total["wall_time_s"] + value["wall_time_s"], 1)
+            total["peak_rss_mb"] = max(total["peak_rss_mb"], value["peak_rss_mb"])
     report = build_report(s, [r for run in runs for r in run["per_seed"]],
                           [r for run in runs for r in run["metarm_rounds"]], step_costs,
                           method_costs, figure)
@@ -531,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write --output from these complete runs (e.g. one per task) and exit")
     parser.add_argument("--partial-ok", action="store_true",
                         help="--merge also takes interrupted runs: their finished (task, seed)s count")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run each (task, seed) as its own process, this many at once (one per "
+                             "core), then --merge them into --output")
     return parser
 
 
@@ -556,12 +571,67 @@ def settings_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser
     return s
 
 
+def unit_argv(args: argparse.Namespace, task: str, seed: int, output: Path, work_dir: Path) -> list[str]:
+    """The command that runs one (task, seed) of this invocation alone, everything else equal."""
+    argv = [sys.executable, "-m", "bench.ood", "--tasks", task, "--first-seed", str(seed), "--seeds", "1",
+            "--figure", "", "--output", str(output), "--work-dir", str(work_dir),
+            "--bench-root", args.bench_root, "--threads", str(args.threads)]
+    if args.quick:
+        argv.append("--quick")
+    if args.methods:
+        argv += ["--methods", args.methods]
+    if args.outer_steps:
+        argv += ["--outer-steps", str(args.outer_steps)]
+    if args.heldout_domains:
+        argv += ["--heldout-domains", str(args.heldout_domains)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    return argv
+
+
+# Measured full-mode cost of one seed on one core (KA's responses are longer); the longest units
+# start first so that the last process to finish is a short one.
+UNIT_MINUTES = {"ka": 38, "csg": 23}
+
+
+def run_jobs(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
+    """Spread the (task, seed) units over ``args.jobs`` processes, then merge their reports.
+    Each unit's log is beside its report; a failed unit fails the run, naming its log."""
+    units = sorted(((task, seed) for task in s.tasks for seed in s.seeds),
+                   key=lambda unit: -UNIT_MINUTES.get(unit[0], 0))
+    out_dir = Path(args.work_dir) / "units"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(args.threads, 1)), "TOKENIZERS_PARALLELISM": "false"}
+
+    def run(unit: tuple[str, int]) -> Path:
+        task, seed = unit
+        output = out_dir / f"{task}-{seed}.json"
+        log = out_dir / f"{task}-{seed}.log"
+        argv = unit_argv(args, task, seed, output, Path(args.work_dir) / f"{task}-{seed}")
+        print(f"{task} seed {seed}: started, log {log}", flush=True)
+        with log.open("w") as sink:
+            code = subprocess.run(argv, env=env, stdout=sink, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise SystemExit(f"{task} seed {seed} failed (exit {code}); see {log}")
+        print(f"{task} seed {seed}: done", flush=True)
+        return output
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        outputs = dict(zip(units, pool.map(run, units), strict=True))
+    return merge([outputs[unit] for unit in sorted(outputs, key=lambda u: (s.tasks.index(u[0]), u[1]))], Path(args.output), Path(args.figure) if args.figure else None)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:
         merge(args.merge, Path(args.output), Path(args.figure) if args.figure else None,
               partial_ok=args.partial_ok)
+        return 0
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.jobs > 1:
+        run_jobs(args, settings_from_args(args, parser))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads > 0:

@@ -53,15 +53,16 @@ def test_noise_merge_refuses_other_configurations_and_repeated_rows(tmp_path):
     assert not (tmp_path / "m.json").exists()
 
 
-def ood_run(path, task, gold_by_method, *, complete=True, seeds=(0, 1, 2), **settings):
+def ood_run(path, task, gold_by_method, *, complete=True, seeds=(0, 1, 2), step_runs=None,
+            method_cost=None, **settings):
     s = ood.Settings(tasks=(task,), **settings)
     per_seed = [{"task": task, "domain": f"d{d}", "method": method, "seed": seed,
                  "gold": gold + 0.01 * seed, "pl_accuracy": 0.5}
                 for d in range(4) for method, gold in gold_by_method.items() for seed in seeds]
     payload = {"settings": asdict(s), "quick": False, "methods": list(gold_by_method),
                "complete": complete, "rows": [], "per_seed": per_seed, "metarm_rounds": [],
-               "step_cost": {task: {"runs": [{"meta_step_s": 6.0, "bt_step_s": 0.3}] * 3}},
-               "method_cost": {f"{task}/meta": {"wall_time_s": 1.0, "peak_rss_mb": 1}},
+               "step_cost": {task: {"runs": step_runs or [{"meta_step_s": 6.0, "bt_step_s": 0.3}] * 3}},
+               "method_cost": method_cost or {f"{task}/meta": {"wall_time_s": 1.0, "peak_rss_mb": 1}},
                "targets": [], "wall_time_s": 100.0, "command": f"python -m bench.ood --tasks {task}"}
     path.write_text(json.dumps(payload))
     return path
@@ -110,8 +111,46 @@ def test_ood_merge_of_an_interrupted_run_and_its_missing_seed(tmp_path):
     assert all(r["seeds"] == 3 for r in joined["rows"])
 
 
+def test_ood_merge_adds_costs_and_keeps_a_rows_only_runs_prerequisites_apart(tmp_path):
+    def cost(**seconds):
+        return {f"ka/{m}": {"wall_time_s": s, "peak_rss_mb": int(10 * s)} for m, s in seconds.items()}
+
+    first = ood_run(tmp_path / "a.json", "ka", {"bt": 0.2, "meta": 0.3}, seeds=(0, 1),
+                    method_cost=cost(bt=100.0, meta=200.0))
+    second = ood_run(tmp_path / "b.json", "ka", {"bt": 0.2, "meta": 0.3}, seeds=(2,),
+                     method_cost=cost(bt=50.0, meta=90.0))
+    # MetaRM rows run alone: they train the BT RM they start from, and time no meta step
+    rounds = ood_run(tmp_path / "c.json", "ka", {"metarm+adapt": 0.25}, seeds=(0, 1, 2),
+                     step_runs=[{"bt_trainer_step_s": 0.2}] * 3,
+                     method_cost=cost(bt=5.0, **{"metarm+adapt": 300.0}))
+    out = tmp_path / "ood.json"
+    report = ood.merge([first, second, rounds], out, None)
+    assert report["method_cost"]["ka/bt"] == {"wall_time_s": 150.0, "peak_rss_mb": 1000}
+    assert report["method_cost"]["ka/meta"] == {"wall_time_s": 290.0, "peak_rss_mb": 2000}
+    assert report["method_cost"]["ka/metarm+adapt"]["wall_time_s"] == 300.0
+    assert report["method_cost"]["ka/bt (prerequisite of metarm+adapt)"]["wall_time_s"] == 5.0
+    assert report["step_cost"]["ka"]["ratio"] == pytest.approx(20.0)
+    assert len(report["step_cost"]["ka"]["runs"]) == 9
+
+
 @pytest.mark.parametrize(("argv", "seeds"), [([], (0, 1, 2)), (["--first-seed", "2", "--seeds", "1"], (2,)),
                                              (["--first-seed", "1"], (1, 2, 3)), (["--quick"], (0,))])
 def test_first_seed_selects_the_seeds_to_run(argv, seeds):
     parser = ood.build_parser()
     assert ood.settings_from_args(parser.parse_args(argv), parser).seeds == seeds
+
+
+@pytest.mark.parametrize("argv", [[], ["--quick", "--methods", "bt,meta"],
+                                  ["--outer-steps", "5", "--heldout-domains", "2", "--set", "beta=0.2",
+                                   "--set", "pl_length_normalized=false", "--threads", "2"]])
+def test_a_jobs_unit_runs_the_same_configuration_on_one_task_and_seed(argv, tmp_path):
+    parser = ood.build_parser()
+    args = parser.parse_args([*argv, "--jobs", "2"])
+    whole = ood.settings_from_args(args, parser)
+    unit = ood.unit_argv(args, "ka", 1, tmp_path / "ka-1.json", tmp_path / "ka-1")
+    assert unit[1:3] == ["-m", "bench.ood"]
+    unit_args = parser.parse_args(unit[3:])
+    alone = ood.settings_from_args(unit_args, parser)
+    assert alone == ood.replace(whole, tasks=("ka",), seeds=(1,), work_dir=str(tmp_path / "ka-1"))
+    assert (unit_args.methods, unit_args.threads, unit_args.jobs) == (args.methods, args.threads, 1)
+    assert unit_args.output == str(tmp_path / "ka-1.json") and unit_args.figure == ""
