@@ -526,9 +526,11 @@ class MetaTrainer:
         self.setup()
         self.history: list[dict[str, Any]] = []
         start = self._resume()
-        initial = self.evaluate() if start == 0 else None
-        if initial is not None:
+        if start == 0:
+            initial = self.evaluate()
             self.history.append({"step": 0, **{k: v for k, v in initial.items() if k != "per_task"}})
+        else:  # the step-0 evaluation came back with the checkpoint's history
+            initial = next((h for h in self.history if h["step"] == 0), None)
         step_times = []
         for step in range(start + 1, c.outer_steps + 1):
             if self.callback.should_stop():

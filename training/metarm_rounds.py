@@ -27,6 +27,7 @@ from typing import Any
 from training.callbacks import NullCallback, TrainerCallback
 from training.checkpoint import write_json_atomic
 from training.metarm import MetaRMConfig, MetaRMTrainer
+from training.rm_trainer import check_types
 
 # Set per round by the driver; a caller's value for them would be overwritten silently.
 DRIVER_OWNED_METARM_KEYS = ("model", "output_dir", "samples_path")
@@ -49,7 +50,8 @@ class MetaRMRoundsConfig:
     output_dir: str = "runs/adapt-metarm"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
+        check_types(self)  # a JSON "3" or 2.5 for a count is the client's to fix, not a crash
+        if self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, not {self.rounds!r}")
         if self.max_meta_prompts is not None and self.max_meta_prompts < 1:
             raise ValueError(

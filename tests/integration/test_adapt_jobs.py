@@ -132,8 +132,9 @@ def test_adapt_with_metarm_rounds_publishes_policy_and_rm(stack, tiny_policy: Pa
     assert record["artifacts"]["reward_model"] == "rm-cooking@v1"
     metrics = record["metrics"]
     assert metrics["rounds"] == 2 and [r["round"] for r in metrics["by_round"]] == [1, 2]
-    assert len(metrics["rm_shifted_diff_var_after_by_round"]) == 2
-    assert all(v >= 0 for v in metrics["rm_shifted_diff_var_after_by_round"])
+    assert metrics["rm_shifted_diff_var_after_by_round"] == [
+        r["rm_shifted_diff_var_after"] for r in metrics["by_round"]]
+    assert all(v > 0 for v in metrics["rm_shifted_diff_var_after_by_round"])  # no collapse to 0
     assert isinstance(metrics["reward_after"], float)
     assert 0.0 <= metrics["rm_source_accuracy_after"] <= 1.0
 
@@ -144,7 +145,13 @@ def test_adapt_with_metarm_rounds_publishes_policy_and_rm(stack, tiny_policy: Pa
     assert (rm_meta["parent_version"], rm_meta["domain"], rm_meta["job_id"]) == (
         "rm@v1", "cooking", record["id"])
     assert [d["round"] for d in rm_meta["diagnostics_by_round"]] == [1, 2]
-    assert rm_meta["diagnostics_by_round"][0]["shifted_diff_var_after"] is not None
+    # every round's diagnostics, in the registry as in the job's metrics
+    for stored, measured in zip(rm_meta["diagnostics_by_round"], metrics["by_round"], strict=True):
+        for name in ("shifted_diff_mean", "shifted_diff_var", "source_accuracy"):
+            for when in ("before", "after"):
+                key = f"{name}_{when}"
+                assert isinstance(stored[key], float) and stored[key] == measured[f"rm_{key}"], key
+        assert 0.0 <= stored["source_accuracy_after"] <= 1.0
     assert set(rm_meta["reward_stats"]) == {"mean", "std"}
 
     policy = _listed(url, "policy-cooking")

@@ -150,6 +150,18 @@ def test_meta_training_raises_outer_pl_accuracy(float64_models, tmp_path):
     assert (Path(result.rm_dir) / "generalrm.json").is_file()
 
 
+@pytest.mark.parametrize("carry", [False, True])
+def test_theta_is_reset_each_outer_step_unless_carried(float64_models, tmp_path, carry):
+    trainer = make_trainer(float64_models, lora=True, dtype="float32", outer_steps=2, inner_lr=0.1,
+                           carry=carry, checkpoint_every=0, eval_pairs=4,
+                           output_dir=str(tmp_path / "run"))
+    trainable = [p for p in trainer.policy.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    trainer.train()
+    moved = max((p.detach() - b).abs().max().item() for p, b in zip(trainable, before, strict=True))
+    assert (moved > 1e-6) if carry else (moved == 0.0)
+
+
 class StopAfter:
     def __init__(self, steps: int) -> None:
         self.steps, self.seen = steps, 0
@@ -161,9 +173,12 @@ class StopAfter:
         return self.seen >= self.steps
 
 
-def test_cancel_checkpoints_and_resume_continues(float64_models, tmp_path):
-    overrides = dict(dtype="float32", outer_steps=4, inner_lr=0.1, outer_lr=1e-3,
+@pytest.mark.parametrize("carry", [False, True])
+def test_cancel_checkpoints_and_resume_continues(float64_models, tmp_path, carry):
+    overrides = dict(dtype="float32", outer_steps=4, inner_lr=0.1, outer_lr=1e-3, carry=carry,
                      checkpoint_every=0, output_dir=str(tmp_path / "run"), eval_pairs=4)
+    straight = make_trainer(float64_models, lora=True, **{**overrides, "output_dir": str(tmp_path / "once")})
+    uninterrupted = straight.train()
     trainer = make_trainer(float64_models, lora=True, **overrides)
     trainer.callback = StopAfter(2)
     with pytest.raises(TrainingCancelled) as cancelled:
@@ -176,6 +191,13 @@ def test_cancel_checkpoints_and_resume_continues(float64_models, tmp_path):
     result = resumed.train()
     assert steps == [3, 4]
     assert [h["step"] for h in result.history] == [0, 1, 2, 3, 4]
+    # the resumed run is the uninterrupted one: same RM (and, with carry, the same θ went on),
+    # same metrics, including the step-0 evaluation made before the cancel
+    for name in ("initial_outer_pl_accuracy", "initial_rm_accuracy", "outer_pl_accuracy",
+                 "outer_loss", "rm_accuracy"):
+        assert result.metrics[name] == pytest.approx(uninterrupted.metrics[name], abs=1e-6), name
+    for mine, theirs in zip(resumed.rm.model.parameters(), straight.rm.model.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
 
 
 def test_config_rejects_bad_keys_and_values():

@@ -282,13 +282,24 @@ def test_cancel_checkpoints_and_resume_matches_an_uninterrupted_run(tiny_encoder
 
 def test_result_metrics_and_files(tiny_encoder_rm, tmp_path):
     config = _config(tmp_path, tiny_encoder_rm, max_steps=2, batch_size=4, meta_lr=0.1)
-    result = MetaRMTrainer(config, pairs=source_pairs(6), samples=shifted_samples(3)).train()
+    samples = shifted_samples(3)
+    result = MetaRMTrainer(config, pairs=source_pairs(6), samples=samples).train()
     assert result.model_dir == Path(config.output_dir) / "final"
     assert (Path(config.output_dir) / "metrics.json").is_file()
     assert result.steps == 2 and len(result.history) == 2
     for key in ("source_accuracy", "shifted_diff_mean", "shifted_diff_var", "shifted_objective"):
         assert f"{key}_before" in result.metrics and f"{key}_after" in result.metrics
-    assert result.metrics["shifted_diff_var_after"] >= 0
+    # the "after" diagnostics are those of the saved RM, recomputed here by hand: over every
+    # ordered pair i != j of responses to one prompt, E|d| and E[d²]
+    saved = RewardModel.from_pretrained(result.model_dir, device="cpu")
+    diffs = []
+    for row in samples:
+        rewards = saved.score([{"prompt": row["prompt"], "response": r} for r in row["responses"]])
+        diffs += [a - b for i, a in enumerate(rewards) for j, b in enumerate(rewards) if i != j]
+    assert result.metrics["shifted_diff_mean_after"] == pytest.approx(
+        sum(abs(d) for d in diffs) / len(diffs), rel=1e-4)
+    assert result.metrics["shifted_diff_var_after"] == pytest.approx(
+        sum(d * d for d in diffs) / len(diffs), rel=1e-4)
     assert 0.375 <= result.metrics["shifted_objective_after"] <= 0.75  # J's range for k = 4
     assert {"bt_loss", "meta_objective"} <= result.history[0].keys()
 

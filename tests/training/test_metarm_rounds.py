@@ -80,6 +80,17 @@ def test_rounds_publish_an_rm_and_a_policy_with_per_round_diagnostics(
     samples_2 = json.loads((config.round_dir(2) / "meta_samples.json").read_text())
     assert all(len(row["responses"]) == 3 for row in samples_1 + samples_2)
     assert samples_1 != samples_2
+    # round 2's meta set is exactly what round 1's adapted policy samples with round 2's seed
+    driver = MetaRMRounds(config, source_pairs=SOURCE_PAIRS)
+    adapted = driver._load_policy(config.adapt_config(2), Path(by_round[0]["policy_dir"]))
+    again = tmp_path / "round-2-again.json"
+    driver._sample_meta_set(adapted, [row["prompt"] for row in samples_2], 2, 3, again)
+    assert json.loads(again.read_text()) == samples_2
+    # and the check can tell: the reference policy samples something else with that seed
+    reference = driver._load_policy(config.adapt_config(2), None)
+    driver._sample_meta_set(reference, [row["prompt"] for row in samples_2], 2, 3,
+                            tmp_path / "round-2-reference.json")
+    assert json.loads((tmp_path / "round-2-reference.json").read_text()) != samples_2
 
     assert result.reward_model_dir == Path(by_round[1]["reward_model_dir"])
     RewardModel.from_pretrained(result.reward_model_dir, device="cpu")

@@ -79,6 +79,9 @@ def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
     assert (spec["name"], spec["rm_name"]) == ("policy-Cooking-Food", "rm-Cooking-Food")
     spec = client.validate("adapt", {**adapt_spec, "prompts": None, "dataset": "prompts.jsonl"})
     assert spec["dataset"] == "prompts.jsonl"
+    given = {**adapt_spec, "prompts": None, "dataset": "samples.jsonl",
+             "params": {"steps": 2, "use_given_responses": True}}
+    assert client.validate("adapt", given)["params"]["use_given_responses"] is True
 
 
 @pytest.mark.parametrize(
@@ -118,6 +121,17 @@ def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
         ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "samples_path": "x"}}},
          "samples_path"),
         ({"params": {"metarm": "yes"}}, "params.metarm: must be an object"),
+        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "max_meta_prompts": "3"}}},
+         "max_meta_prompts: must be an integer"),
+        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "max_meta_prompts": 2.5}}},
+         "max_meta_prompts: must be an integer"),
+        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "rounds": "2"}}},
+         "rounds: must be an integer"),
+        ({"params": {"use_given_responses": True}}, "use_given_responses: inline prompts"),
+        ({"prompts": None, "dataset": "prompts.jsonl", "params": {"use_given_responses": True}},
+         "dataset: line 1 .*'responses' must be"),
+        ({"prompts": None, "dataset": "one-response.jsonl", "params": {"use_given_responses": True}},
+         "use_given_responses: row 1 of one-response.jsonl has fewer than 2"),
     ],
 )
 def test_adapt_spec_errors(client: JobClient, adapt_spec: dict, changes: dict, says: str) -> None:

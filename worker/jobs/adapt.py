@@ -75,7 +75,9 @@ def registry_name(prefix: str, domain: str) -> str:
 
 
 # ---------------------------------------------------------------------- validation
-def _check_prompts(spec: dict[str, Any], data_dir: Path) -> None:
+def _check_prompts(spec: dict[str, Any], data_dir: Path, *, given_responses: bool) -> None:
+    """``given_responses`` (``params.use_given_responses``): the rows' responses are the draws
+    from p, so every prompt needs at least two of them."""
     has_prompts, has_dataset = spec.get("prompts") is not None, spec.get("dataset") is not None
     if has_prompts == has_dataset:
         raise SpecError("prompts / dataset: give the domain's prompts either inline ('prompts': "
@@ -89,9 +91,16 @@ def _check_prompts(spec: dict[str, Any], data_dir: Path) -> None:
             raise SpecError(f"prompts: at most {MAX_PROMPTS} inline; use 'dataset' for more")
         if not all(isinstance(p, str) and p.strip() for p in prompts):
             raise SpecError("prompts: every prompt must be a non-empty string")
+        if given_responses:
+            raise SpecError("params.use_given_responses: inline prompts carry no responses; give "
+                            "'dataset' rows {\"prompt\", \"responses\": [>= 2 strings]} or drop it")
     else:
         path = resolve_data_path(spec["dataset"], "dataset", data_dir)
-        check_samples_jsonl(path, "dataset", need_responses=False)
+        rows = check_samples_jsonl(path, "dataset", need_responses=given_responses)
+        short = next((n for n, r in enumerate(rows, 1) if len(r.get("responses") or []) < 2), None)
+        if given_responses and short is not None:
+            raise SpecError(f"params.use_given_responses: row {short} of {path.name} has fewer "
+                            "than 2 responses; every prompt needs >= 2 to weight them")
 
 
 def _metarm_values(metarm: Any, data_dir: Path) -> dict[str, Any]:
@@ -138,12 +147,12 @@ def validate(spec: Any, ctx: ValidationContext) -> dict[str, Any]:
     domain = spec.get("domain")
     if not isinstance(domain, str) or not domain.strip():
         raise SpecError("domain: required, a non-empty string naming the new domain")
-    _check_prompts(spec, data_dir)
+    params = check_params(spec, SET_BY_SPEC, "AdaptConfig (plus 'metarm')")
+    _check_prompts(spec, data_dir, given_responses=params.get("use_given_responses") is True)
     if spec.get("pairs") is not None:
         check_preference_jsonl(resolve_data_path(spec["pairs"], "pairs", data_dir), "pairs")
     for key in ("policy", "reward_model"):
         check_model_reference(key, spec[key], ctx.settings, resolve_short_names=False)
-    params = check_params(spec, SET_BY_SPEC, "AdaptConfig (plus 'metarm')")
     spec.setdefault("name", registry_name("policy", domain))
     check_registry_name("name", spec["name"], ctx.settings, "policy")
     if "metarm" in params:
