@@ -122,31 +122,41 @@ def final_variance(records: list[dict], task: str, domain: str, method: str) -> 
     return statistics.fmean(r["diff_var_after"] for r in mine if r["round"] == last)
 
 
-def metarm_targets(rows: list[dict], records: list[dict], tasks: tuple[str, ...]) -> list[dict]:
+def metarm_targets(per_seed: list[dict], records: list[dict], tasks: tuple[str, ...]) -> list[dict]:
     """The issue's claim, per task and MetaRM variant: MetaRM beats the un-adapted RM (``bt``)
     on held-out gold reward and PL accuracy, and its final-round reward-difference variance on
-    the policy's samples stays above vanilla's (same rounds, meta_lr 0)."""
+    the policy's samples stays above vanilla's (same rounds, meta_lr 0).
+
+    Paired by seed: a domain's difference is the mean over the seeds that have both rows, as
+    the MetaRM rows may come from a separate run with fewer seeds than the ``bt`` rows."""
+
+    def by_seed(task: str, domain: str, method: str, metric: str) -> dict[int, float]:
+        return {r["seed"]: r[metric] for r in per_seed
+                if (r["task"], r["domain"], r["method"]) == (task, domain, method)
+                and r.get(metric) is not None}
+
     found = []
     for task in tasks:
         for method in ("metarm+adapt", "metarm-phi+adapt"):
-            domains = sorted({r["domain"] for r in rows if r["task"] == task and r["method"] == method})
-            domains = [d for d in domains if any((r["task"], r["domain"], r["method"]) == (task, d, "bt")
-                                                 for r in rows)]
+            domains = sorted({r["domain"] for r in per_seed if r["task"] == task and r["method"] == method})
+            domains = [d for d in domains if by_seed(task, d, "bt", "gold").keys() & by_seed(task, d, method, "gold").keys()]
             if not domains:
                 continue
             threshold = 3 if len(domains) >= 4 else math.ceil(0.75 * len(domains))
-
-            def value(domain, m, metric, task=task):
-                return next(r[f"{metric}_mean"] for r in rows
-                            if (r["task"], r["domain"], r["method"]) == (task, domain, m))
-
             for metric in ("pl_accuracy", "gold"):
-                diffs = {d: value(d, method, metric) - value(d, "bt", metric) for d in domains}
+                diffs, seeds = {}, {}
+                for d in domains:
+                    mine, base = by_seed(task, d, method, metric), by_seed(task, d, "bt", metric)
+                    common = sorted(mine.keys() & base.keys())
+                    if common:
+                        diffs[d] = statistics.fmean(mine[s] - base[s] for s in common)
+                        seeds[d] = common
                 wins = sum(v > 0 for v in diffs.values())
                 found.append({"name": f"{task}: {method} beats the un-adapted RM (bt) on held-out "
                                       f"{metric} (domains won of {len(domains)})",
                               "measured": wins, "threshold": threshold, "met": wins >= threshold,
-                              "detail": {d: round(v, 4) for d, v in diffs.items()}})
+                              "detail": {d: round(v, 4) for d, v in diffs.items()},
+                              "paired_seeds": seeds})
             ratios = {}
             for d in domains:
                 mine, vanilla = (final_variance(records, task, d, method),

@@ -432,7 +432,7 @@ def build_report(s: Settings, per_seed: list[dict], round_records: list[dict],
     report = {"settings": asdict(s), "rows": rows, "per_seed": per_seed,
               "metarm_rounds": round_records, "step_cost": step_summary(step_costs),
               "method_cost": method_costs,
-              "targets": targets(rows, s) + metarm_targets(rows, round_records, s.tasks)}
+              "targets": targets(rows, s) + metarm_targets(per_seed, round_records, s.tasks)}
     if round_records:
         from bench.metarm_rows import variance_curves
 

@@ -32,9 +32,14 @@ def test_rounds_targets_and_figure(tiny_policy, tiny_encoder_rm, tmp_path):
         rows.append({"task": "toy", "domain": "d", "method": method, "seed": 0, "gold": 0.5,
                      "pl_accuracy": 0.5})
     rows.append({"task": "toy", "domain": "d", "method": "bt", "seed": 0, "gold": 0.4, "pl_accuracy": 0.5})
-    table = aggregate(rows)
-    found = metarm_targets(table, records, ("toy",))
+    found = metarm_targets(rows, records, ("toy",))
     assert [t["measured"] for t in found[:2]] == [0, 1]  # PL tie is not a win; gold is
+    # bt has seeds the MetaRM rows lack (they ran apart): compared on the shared seed only
+    more_bt = [{**rows[-1], "seed": seed, "gold": 0.9} for seed in (1, 2)]
+    paired = metarm_targets(rows + more_bt, records, ("toy",))
+    assert paired[1]["measured"] == 1 and paired[1]["paired_seeds"] == {"d": [0]}
+    means = {r["method"]: r["gold_mean"] for r in aggregate(rows + more_bt)}
+    assert means["bt"] > means["metarm+adapt"]  # unpaired means would have said bt won
     assert {"name", "measured", "threshold", "met"} <= set(found[2])
     curves = variance_curves(records)["toy"]
     assert len(curves["metarm+adapt"]) == s.metarm_rounds + 1
