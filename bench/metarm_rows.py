@@ -138,15 +138,18 @@ def metarm_targets(per_seed: list[dict], records: list[dict], tasks: tuple[str, 
     found = []
     for task in tasks:
         for method in ("metarm+adapt", "metarm-phi+adapt"):
-            domains = sorted({r["domain"] for r in per_seed if r["task"] == task and r["method"] == method})
-            domains = [d for d in domains if by_seed(task, d, "bt", "gold").keys() & by_seed(task, d, method, "gold").keys()]
+            rows = {(d, m, metric): by_seed(task, d, m, metric)
+                    for d in {r["domain"] for r in per_seed if r["task"] == task and r["method"] == method}
+                    for m in (method, "bt") for metric in ("pl_accuracy", "gold")}
+            domains = sorted({d for d, _, _ in rows
+                              if rows[d, method, "gold"].keys() & rows[d, "bt", "gold"].keys()})
             if not domains:
                 continue
             threshold = 3 if len(domains) >= 4 else math.ceil(0.75 * len(domains))
             for metric in ("pl_accuracy", "gold"):
                 diffs, seeds = {}, {}
                 for d in domains:
-                    mine, base = by_seed(task, d, method, metric), by_seed(task, d, "bt", metric)
+                    mine, base = rows[d, method, metric], rows[d, "bt", metric]
                     common = sorted(mine.keys() & base.keys())
                     if common:
                         diffs[d] = statistics.fmean(mine[s] - base[s] for s in common)

@@ -618,7 +618,9 @@ def run_jobs(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         outputs = dict(zip(units, pool.map(run, units), strict=True))
-    return merge([outputs[unit] for unit in sorted(outputs, key=lambda u: (s.tasks.index(u[0]), u[1]))], Path(args.output), Path(args.figure) if args.figure else None)
+    in_order = sorted(outputs, key=lambda unit: (s.tasks.index(unit[0]), unit[1]))
+    return merge([outputs[unit] for unit in in_order], Path(args.output),
+                 Path(args.figure) if args.figure else None)
 
 
 def main(argv: list[str] | None = None) -> int:
