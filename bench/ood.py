@@ -82,7 +82,8 @@ class Settings:
     source_domains: int = 6  # how many source domains (first N of the task's list)
     heldout_domains: int = 4  # how many held-out domains
     # meta-training (and the same budget for BT and DPO). Aimed at an hour for the OOD-PL
-    # table on 2 cores; measured about 2 h (a KA seed takes ~40 min on one core, README)
+    # table on 2 cores; measured about 1 h 40 min with --jobs 2 (a KA seed takes ~40 min and a
+    # CSG seed ~23 min on one core, README)
     outer_steps: int = 16
     inner_steps: int = 1
     # α = 0.1 with per-token-mean margins in ℓ_PL: with summed log-probs (DESIGN's A) the
