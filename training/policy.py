@@ -15,8 +15,10 @@ in plain-text mode (a continuation has no natural end).
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from training.models import resolve_pretrained
@@ -78,6 +81,7 @@ class Policy:
             raise ValueError(f"{reference}: chat_template=True but the tokenizer has none")
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
+        self._keeps_logits_by_mask = keeps_logits_by_mask(model)
         if tokenizer.pad_token_id is None:
             # Padding is always masked, so any id serves; EOS is what generate() expects.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -200,21 +204,33 @@ class Policy:
 
         ``params`` substitutes some of the model's parameters (by ``named_parameters``
         name) for this call only; the others are the module's own.
+
+        Only the positions that predict a response token go through the LM head and the
+        log-softmax: over a vocabulary of tens of thousands, the prompt positions' logits
+        cost about a quarter of a LoRA step on CPU (SmolLM2-135M, 16 sequences of 65
+        tokens: 10.0 s forward + backward with every position's logits, 7.7 s without).
         """
-        inputs = {
+        predicts_response = torch.zeros_like(batch.response_mask, dtype=torch.bool)
+        predicts_response[:, :-1] = batch.response_mask[:, 1:].bool()  # position t predicts t+1
+        inputs: dict[str, Any] = {
             "input_ids": batch.input_ids,
             "attention_mask": batch.attention_mask,
             "use_cache": False,
         }
+        if self._keeps_logits_by_mask:
+            inputs["logits_to_keep"] = predicts_response
         if params is None:
             logits = self.model(**inputs).logits
         else:
             logits = torch.func.functional_call(self.model, dict(params), args=(), kwargs=inputs).logits
-        logits = logits[:, :-1]
-        targets = batch.input_ids[:, 1:]
-        token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-        mask = batch.response_mask[:, 1:].to(token_logp.dtype)
-        return (token_logp * mask).sum(dim=1)
+        if not self._keeps_logits_by_mask:
+            logits = logits[predicts_response]
+        targets = batch.input_ids[:, 1:][predicts_response[:, :-1]]
+        token_logp = -F.cross_entropy(logits, targets, reduction="none")
+        rows = torch.arange(len(batch), device=token_logp.device).unsqueeze(1).expand_as(predicts_response)
+        return torch.zeros(len(batch), dtype=token_logp.dtype, device=token_logp.device).index_add(
+            0, rows[predicts_response], token_logp
+        )
 
     def sequence_logprobs(
         self,
@@ -331,6 +347,17 @@ class Policy:
         }
         (directory / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         return directory
+
+
+def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model under its LoRA adapter) takes a boolean (batch, seq)
+    ``logits_to_keep`` and returns logits of the kept positions only, flattened. transformers
+    models that slice through ``slice_logits_to_keep`` do; older or remote-code models that
+    take only an int fall back to full logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+        return False
+    return getattr(sys.modules.get(type(base).__module__), "slice_logits_to_keep", None) is not None
 
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> torch.nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.policy import LoraSpec, Policy, kl_estimate
+from training.policy import LoraSpec, Policy, keeps_logits_by_mask, kl_estimate
 
 PROMPTS = ["how are you today?", "what does this word mean? it means"]
 RESPONSES = ["good great", "a small animal that lives in the forest"]
@@ -77,3 +77,46 @@ def test_kl_of_a_fresh_lora_adapter_is_zero_and_adapter_round_trips(tiny_policy,
     assert not merged.is_lora and policy.is_lora  # merging saved a copy, the live policy keeps its adapter
     assert torch.allclose(merged.logprobs_chunked(PROMPTS, RESPONSES),
                           policy.logprobs_chunked(PROMPTS, RESPONSES), atol=1e-4)
+
+
+def test_response_only_logits_equal_full_logits_in_value_gradient_and_jvp(tiny_policy):
+    """The LM head runs only where a response token is predicted (``logits_to_keep``); the
+    fallback for models without it computes every position's logits. Both are the same
+    function of θ: value, gradient and forward-mode derivative."""
+    policy = Policy.from_pretrained(tiny_policy, device="cpu", lora=LoraSpec(r=4, alpha=8))
+    assert keeps_logits_by_mask(policy.model)  # peft-wrapped Llama slices by mask
+    with torch.no_grad():
+        for p in policy.trainable_parameters().values():
+            p.add_(0.1 * torch.randn_like(p))
+    theta = policy.trainable_parameters()
+    tangent = {n: torch.randn_like(p) for n, p in theta.items()}
+    batch = policy.encode(PROMPTS, RESPONSES)
+
+    def measured():
+        value = policy.batch_logprobs(batch)
+        grads = torch.autograd.grad(value.sum(), list(theta.values()))
+        params = {n: p.detach() for n, p in theta.items()}
+        _, jvp = torch.func.jvp(lambda t: policy.batch_logprobs(batch, t), (params,), (tangent,))
+        return value.detach(), grads, jvp
+
+    sliced = measured()
+    policy._keeps_logits_by_mask = False
+    full = measured()
+    assert torch.allclose(sliced[0], full[0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sliced[1], full[1], strict=True))
+    assert torch.allclose(sliced[2], full[2], atol=1e-4)
+    for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES, strict=True)):
+        assert full[0][i].item() == pytest.approx(manual_logprob(policy, prompt, response), abs=1e-3)
+
+
+def test_models_without_mask_logits_to_keep_use_full_logits():
+    class IntOnly(torch.nn.Module):
+        def forward(self, input_ids, logits_to_keep: int = 0):  # the pre-5 transformers form
+            raise NotImplementedError
+
+    class NoArgument(torch.nn.Module):
+        def forward(self, input_ids):
+            raise NotImplementedError
+
+    assert not keeps_logits_by_mask(IntOnly())
+    assert not keeps_logits_by_mask(NoArgument())
