@@ -297,14 +297,10 @@ def run_seed(task: str, seed: int, s: Settings, cost: Cost,
         with cost.measure(f"{task}/meta"):
             meta_config = meta_train_config(s, chat=chat, output_dir=work / "meta", seed=seed)
             meta_result = MetaTrainer(meta_config, tasks=meta_tasks).train()
-        initial = meta_result.history[0]  # the step-0 evaluation, on the same batches as the final
-        costs.update({"meta_step_s": meta_result.metrics["seconds_per_outer_step"],
-                      "meta_outer_pl_accuracy": meta_result.metrics["outer_pl_accuracy"],
-                      "meta_initial_outer_pl_accuracy": meta_result.metrics.get("initial_outer_pl_accuracy"),
-                      "meta_outer_loss": meta_result.metrics["outer_loss"],
-                      "meta_initial_outer_loss": initial.get("outer_loss"),
-                      "meta_rm_accuracy": meta_result.metrics["rm_accuracy"],
-                      "meta_initial_rm_accuracy": initial.get("rm_accuracy")})
+        costs["meta_step_s"] = meta_result.metrics["seconds_per_outer_step"]
+        for key in ("outer_pl_accuracy", "outer_loss", "rm_accuracy"):  # after, and before (step 0)
+            costs[f"meta_{key}"] = meta_result.metrics[key]
+            costs[f"meta_initial_{key}"] = meta_result.metrics.get(f"initial_{key}")
     bt_dir = None
     if need_bt:
         with cost.measure(f"{task}/bt"):
@@ -464,7 +460,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def merge(paths: list[Path], output: Path, figure: Path | None, *,
-          partial_ok: bool = False) -> dict[str, Any]:
+          partial_ok: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One report from several runs with the same settings (e.g. one per task, run on separate
     cores). Refuses runs whose settings differ in anything but tasks and seeds, or that repeat
     a (task, seed). An interrupted run holds only the seeds it finished (it is written after
@@ -516,7 +512,7 @@ def merge(paths: list[Path], output: Path, figure: Path | None, *,
                                     "wall_time_s": run["wall_time_s"]}
                                    for p, run in zip(paths, runs, strict=True)],
                    "wall_time_s": sum(run["wall_time_s"] for run in runs),
-                   "torch_threads": runs[0].get("torch_threads")})
+                   "torch_threads": runs[0].get("torch_threads"), **(extra or {})})
     write_json_atomic(output, report)
     print_report(report)
     print(f"seeds per task: {seeds_per_task}")
@@ -626,13 +622,11 @@ def run_jobs(args: argparse.Namespace, s: Settings) -> dict[str, Any]:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         outputs = dict(zip(units, pool.map(run, units), strict=True))
     in_order = sorted(outputs, key=lambda unit: (s.tasks.index(unit[0]), unit[1]))
-    report = merge([outputs[unit] for unit in in_order], Path(args.output),
-                   Path(args.figure) if args.figure else None)
     # the merged wall_time_s sums the units; this is what the caller waited
-    report.update({"jobs": args.jobs, "parallel_wall_time_s": time.monotonic() - started})
-    write_json_atomic(Path(args.output), report)
-    print(f"--jobs {args.jobs}: {report['parallel_wall_time_s'] / 60:.1f} min wall time")
-    return report
+    waited = {"jobs": args.jobs, "parallel_wall_time_s": time.monotonic() - started}
+    print(f"--jobs {args.jobs}: {waited['parallel_wall_time_s'] / 60:.1f} min wall time")
+    return merge([outputs[unit] for unit in in_order], Path(args.output),
+                 Path(args.figure) if args.figure else None, extra=waited)
 
 
 def main(argv: list[str] | None = None) -> int:

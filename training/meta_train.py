@@ -558,6 +558,7 @@ class MetaTrainer:
         }
         if initial is not None:
             metrics["initial_outer_pl_accuracy"] = initial["outer_pl_accuracy"]
+            metrics["initial_outer_loss"] = initial["outer_loss"]
             metrics["initial_rm_accuracy"] = initial["rm_accuracy"]
         return self._save(metrics)
 

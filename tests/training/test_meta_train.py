@@ -143,6 +143,7 @@ def test_meta_training_raises_outer_pl_accuracy(float64_models, tmp_path):
     result = trainer.train()
     assert result.metrics["outer_pl_accuracy"] > before["outer_pl_accuracy"]
     assert result.metrics["initial_outer_pl_accuracy"] == pytest.approx(before["outer_pl_accuracy"])
+    assert result.metrics["initial_outer_loss"] == pytest.approx(before["outer_loss"])
     reloaded = RewardModel.from_pretrained(result.rm_dir, device="cpu")
     pair = trainer.tasks[0].pairs[0]
     assert reloaded.score([{"prompt": pair.prompt, "response": pair.chosen}])[0] == pytest.approx(
@@ -193,7 +194,7 @@ def test_cancel_checkpoints_and_resume_continues(float64_models, tmp_path, carry
     assert [h["step"] for h in result.history] == [0, 1, 2, 3, 4]
     # the resumed run is the uninterrupted one: same RM (and, with carry, the same θ went on),
     # same metrics, including the step-0 evaluation made before the cancel
-    for name in ("initial_outer_pl_accuracy", "initial_rm_accuracy", "outer_pl_accuracy",
+    for name in ("initial_outer_pl_accuracy", "initial_outer_loss", "initial_rm_accuracy", "outer_pl_accuracy",
                  "outer_loss", "rm_accuracy"):
         assert result.metrics[name] == pytest.approx(uninterrupted.metrics[name], abs=1e-6), name
     for mine, theirs in zip(resumed.rm.model.parameters(), straight.rm.model.parameters(), strict=True):
