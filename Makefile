@@ -44,7 +44,7 @@ bench: install
 	$(PY) -m bench.score
 
 data: install
-	$(PY) -m bench.data build
+	$(PY) -m bench.datagen build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from bench.ood import Settings, meta_train_config, policy_draws, sampling_params
+from bench.ood.run import meta_train_config, policy_draws, sampling_params
+from bench.ood.settings import Settings
 from training.data import load_benchmark
-from training.meta_train import MetaTask, MetaTrainer
+from training.oodpl.meta_train import MetaTask, MetaTrainer
 
 KEYS = ("outer_loss", "outer_pl_accuracy", "rm_accuracy")
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--eval-pairs", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--bench-root", default="bench/data")
+    parser.add_argument("--bench-root", default=None, help="default: the installed benchmark")
     parser.add_argument("--work-dir", default="artifacts/bench/meta_levers")
     parser.add_argument("--output", default=None, help="also write the rows as JSON here")
     a = parser.parse_args(argv)

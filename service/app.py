@@ -15,14 +15,14 @@ from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model_manager import ModelManager
 from service.routes import adapt, get_reward, health, jobs, metrics, models, preference, score
-from training.settings import Settings
+from service.settings import ServiceSettings
 from worker.client import JobClient
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
     app_metrics = Metrics()
 
     @asynccontextmanager

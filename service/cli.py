@@ -10,10 +10,10 @@ app = typer.Typer(help="generalrm: reward-model serving and meta-learning for RL
 
 
 def _settings():
-    from training.settings import Settings
+    from service.settings import ServiceSettings
 
     try:
-        return Settings()
+        return ServiceSettings()
     except Exception as exc:  # pydantic's message names the bad GENERALRM_ variable
         raise typer.BadParameter(str(exc)) from exc
 

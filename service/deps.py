@@ -12,15 +12,15 @@ from service.engine import ScoringEngine, ServedModel
 from service.errors import ModelNotServed, NotReady, Unauthorized
 from service.metrics import Metrics
 from service.model_manager import ModelManager
+from service.settings import ServiceSettings
 from training.registry import Registry
-from training.settings import Settings
 from worker.client import JobClient
 
 _bearer = HTTPBearer(auto_error=False)
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
@@ -44,7 +44,7 @@ def get_registry(request: Request) -> Registry:
     return Registry.from_artifacts(request.app.state.settings.artifacts_dir)
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 EngineDep = Annotated[ScoringEngine, Depends(get_engine)]
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]

@@ -17,33 +17,39 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from service.errors import Overloaded
 from service.metrics import Metrics
-from training.registry import reward_stats
+from training.registry import ResolvedModel
 from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServedModel:
-    """A loaded reward model and the name it answers to."""
+    """A loaded reward model and the resolved reference it answers to."""
 
     rm: RewardModel
-    name: str
-    version: str
-    metadata: dict[str, Any] = field(default_factory=dict)
+    model: ResolvedModel
 
     @property
     def label(self) -> str:
-        return f"{self.name}@{self.version}"
+        return self.model.label
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.model.metadata
 
     @property
     def reward_stats(self) -> dict[str, float] | None:
-        return reward_stats(self.metadata)
+        return self.model.reward_stats
 
 
 @dataclass

@@ -10,10 +10,11 @@ from typing import Any
 
 import httpx
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from training.config import ConfigError, load_yaml_file, merge, parse_overrides
 
 jobs_app = typer.Typer(help="Submit, list, watch and cancel jobs through the API.", no_args_is_help=True)
 console = Console()
@@ -54,24 +55,12 @@ def submit(
     url: str = URL,
 ) -> None:
     """Submit a job; prints its id."""
-    spec: dict[str, Any] = {}
-    if spec_file is not None:
-        loaded = yaml.safe_load(spec_file.read_text())
-        # a config file may hold {kind, spec} or the spec itself
-        spec = loaded.get("spec", loaded) if isinstance(loaded, dict) else {}
-    for assignment in set_:
-        key, sep, raw = assignment.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set {assignment!r}: expected key=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target = spec
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = value
+    try:
+        loaded = load_yaml_file(spec_file) if spec_file is not None else {}
+        # a spec file may hold {kind, spec} or the spec itself
+        spec = merge(loaded.get("spec", loaded), parse_overrides(set_))
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
     with _client(url) as client:
         payload = _check(client.post("/jobs", json={"kind": kind, "spec": spec}))
     console.print(payload["job_id"])

@@ -3,18 +3,14 @@ up, and swap it in atomically (requests already admitted keep the model they wer
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from service.engine import ScoringEngine, ServedModel
 from service.metrics import Metrics
-from training.registry import resolve_model
+from service.settings import ServiceSettings
+from training.registry import ResolvedModel, resolve_model
 from training.reward_model import RewardModel
-from training.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,35 +20,8 @@ WARMUP_ITEMS = [
 ]
 
 
-@dataclass
-class ResolvedModel:
-    path: str
-    name: str
-    version: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}@{self.version}"
-
-
-def resolve_reference(reference: str, settings: Settings) -> ResolvedModel:
-    """Registry ``name[@version|:alias]`` first, then packaged short names, paths, hub ids."""
-    found = resolve_model(reference, settings.artifacts_dir)
-    if found.version is not None:
-        v = found.version
-        return ResolvedModel(str(v.path), v.name, v.version, dict(v.metadata))
-    local = Path(found.path)
-    if local.is_dir():
-        meta_file = local / "generalrm.json"
-        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        name = reference if reference != found.path else local.name
-        return ResolvedModel(found.path, name, "pretrained", metadata)
-    return ResolvedModel(found.path, reference, "hub", {})
-
-
 class ModelManager:
-    def __init__(self, settings: Settings, metrics: Metrics, engine: ScoringEngine) -> None:
+    def __init__(self, settings: ServiceSettings, metrics: Metrics, engine: ScoringEngine) -> None:
         self.settings = settings
         self.metrics = metrics
         self.engine = engine
@@ -81,7 +50,7 @@ class ModelManager:
         )
         # on the inference thread, which will run this model (see ScoringEngine.call)
         self.engine.call(lambda: rm.score(WARMUP_ITEMS)).result()
-        return ServedModel(rm=rm, name=resolved.name, version=resolved.version, metadata=resolved.metadata)
+        return ServedModel(rm=rm, model=resolved)
 
     def swap(self, served: ServedModel) -> None:
         with self._lock:
@@ -96,9 +65,7 @@ class ModelManager:
         """A bare registry name or ``name:alias`` moves when a version is promoted;
         ``name@version``, paths and hub ids are pinned."""
         current = self._current
-        return current is not None and current.version not in ("pretrained", "hub") and (
-            "@" not in self.reference
-        )
+        return current is not None and current.model.from_registry and "@" not in self.reference
 
     def check_for_promotion(self) -> str | None:
         # the watcher and a promotion request may both ask: one load at a time
@@ -115,7 +82,7 @@ class ModelManager:
         if not self.follows_registry():
             return None
         try:
-            target = resolve_reference(self.reference, self.settings)
+            target = resolve_model(self.reference, self.settings.artifacts_dir)
         except Exception as exc:  # a deleted alias must not take the server down
             log.warning("cannot resolve %s: %s", self.reference, exc)
             return None
@@ -157,7 +124,7 @@ class ModelManager:
 
     def load_initial(self) -> None:
         try:
-            self.swap(self.load(resolve_reference(self.reference, self.settings)))
+            self.swap(self.load(resolve_model(self.reference, self.settings.artifacts_dir)))
             self.load_error = None
         except Exception as exc:
             error = f"could not load model {self.reference!r}: {type(exc).__name__}: {exc}"

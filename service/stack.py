@@ -71,9 +71,9 @@ def install_examples(data_dir: Path) -> None:
 
 
 def run_stack(redis_port: int = 6390) -> int:
-    from training.settings import Settings
+    from service.settings import ServiceSettings
 
-    settings = Settings()
+    settings = ServiceSettings()
     install_examples(settings.resolved_data_dir)
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     children: list[tuple[str, subprocess.Popen]] = []

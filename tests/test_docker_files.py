@@ -69,3 +69,10 @@ def test_dockerfiles_build_the_right_images() -> None:
         assert "HEALTHCHECK" in text and "USER 1000" in text
         for directory in ("service", "worker", "training"):
             assert f"COPY {directory} ./{directory}" in text
+
+
+def test_images_carry_the_product_and_no_benchmark_harness() -> None:
+    for dockerfile in ("api.Dockerfile", "worker.Dockerfile"):
+        copied = re.findall(r"^COPY\s+(\S+)", (REPO / "docker" / dockerfile).read_text(), re.M)
+        assert "benchdata" in copied, dockerfile  # the data the meta_train job kind reads
+        assert "bench" not in copied and "bench/" not in copied, dockerfile

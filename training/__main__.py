@@ -13,78 +13,30 @@ The final metrics are printed as JSON on stdout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
-from training.adapt import AdaptConfig, Adapter
+from training.bt.strength import StrengthConfig, StrengthTrainer
+from training.bt.trainer import RMTrainConfig, RMTrainer
 from training.callbacks import TqdmCallback, TrainingCancelled
-from training.dpo import DPOConfig, DPOTrainer
-from training.meta_train import MetaTrainConfig, MetaTrainer
-from training.metarm import MetaRMConfig, MetaRMTrainer
-from training.rm_trainer import ConfigError, RMTrainConfig, RMTrainer
-from training.strength import StrengthConfig, StrengthTrainer
+from training.config import ConfigError, TrainerConfig, load_config
+from training.data import DataError
+from training.metarm.trainer import MetaRMConfig, MetaRMTrainer
+from training.oodpl.adapt import AdaptConfig, Adapter
+from training.oodpl.dpo import DPOConfig, DPOTrainer
+from training.oodpl.meta_train import MetaTrainConfig, MetaTrainer
 
 app = typer.Typer(
     help="generalrm training: every algorithm from its config file, without the service.",
     no_args_is_help=True,
     add_completion=False,
 )
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "trainer_options.seed=3"]`` → ``{"lr": 1e-4, "trainer_options": {"seed": 3}}``."""
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {pair!r}")
-        value = yaml.safe_load(raw) if raw else ""
-        *parents, leaf = key.split(".")
-        target = values
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return values
-
-
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(config_cls: type, path: Path | None, overrides: list[str]) -> Any:
-    values: dict[str, Any] = {}
-    if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys")
-        values = loaded or {}
-    return config_cls.from_dict(merge(values, parse_overrides(overrides)))
-
-
-def describe_fields(config_cls: type) -> str:
-    lines = []
-    for f in dataclasses.fields(config_cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        lines.append(f"{f.name} = {default!r}")
-    return "Config keys (defaults):\n\n" + "\n\n".join(lines)
 
 
 class InterruptibleProgress(TqdmCallback):
@@ -113,7 +65,8 @@ class InterruptibleProgress(TqdmCallback):
         return self.stop_requested
 
 
-def register_trainer(name: str, config_cls: type, trainer_cls: type, help_text: str) -> None:
+def register_trainer(name: str, config_cls: type[TrainerConfig], trainer_cls: type,
+                     help_text: str) -> None:
     """Add ``python -m training <name>`` running ``trainer_cls(config_cls(...)).train()``."""
 
     def command(
@@ -122,16 +75,23 @@ def register_trainer(name: str, config_cls: type, trainer_cls: type, help_text: 
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
     ) -> None:
         try:
-            resolved = load_config(config_cls, config, set_)
-        except (ConfigError, OSError, yaml.YAMLError) as exc:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DeprecationWarning)
+                resolved = load_config(config_cls, config, set_)
+        except ConfigError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        for warning in caught:
+            typer.echo(f"warning: {warning.message}", err=True)
         if dry_run:
-            typer.echo(json.dumps(dataclasses.asdict(resolved), indent=2))
+            typer.echo(json.dumps(resolved.to_dict(), indent=2))
             return
         try:
             with InterruptibleProgress(name) as progress:
                 result = trainer_cls(resolved, callback=progress).train()
+        except (ConfigError, DataError, FileNotFoundError) as exc:  # bad data, found on loading
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
         except TrainingCancelled as exc:
             typer.echo(f"cancelled at step {exc.step}; checkpoint {exc.checkpoint}. "
                        "Run the same command again to resume.", err=True)
@@ -140,7 +100,7 @@ def register_trainer(name: str, config_cls: type, trainer_cls: type, help_text: 
                    for k, v in vars(result).items() if k != "summary"}
         typer.echo(json.dumps(payload, indent=2, default=str))
 
-    app.command(name, help=f"{help_text}\n\n{describe_fields(config_cls)}")(command)
+    app.command(name, help=f"{help_text}\n\n{config_cls.describe()}")(command)
 
 
 register_trainer("train-rm", RMTrainConfig, RMTrainer,

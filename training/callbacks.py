@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from tqdm.auto import tqdm
+
 
 class TrainingCancelled(Exception):
     """Raised by a trainer that stopped because its callback asked it to (state is saved)."""
@@ -42,8 +44,6 @@ class TqdmCallback:
         self._bar = None
 
     def on_progress(self, step: int, total: int, metrics: dict[str, Any]) -> None:
-        from tqdm.auto import tqdm
-
         if self._bar is None:
             self._bar = tqdm(total=total, desc=self._description, initial=step - 1 if step else 0)
         self._bar.update(step - self._bar.n)

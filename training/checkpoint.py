@@ -1,9 +1,11 @@
 """Atomic training checkpoints: model, optimizer, scheduler, step, config and RNG.
 
-Layout under a run directory::
+Layout under a run directory (every trainer's ``output_dir``)::
 
     checkpoints/step-000120/   state.pt, trainable.safetensors, config.json, MANIFEST.json
     checkpoints/LATEST         name of the newest complete checkpoint
+    model/                     the finished model (FINAL_MODEL_DIR), written atomically
+    metrics.json
 
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed into place once complete, the
 manifest written last; a crash mid-write leaves a ``.tmp`` directory that is ignored and
@@ -12,8 +14,6 @@ removed. Resume = :func:`load_latest`, which only ever returns complete checkpoi
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import random
 import shutil
@@ -25,7 +25,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.atomic import fsync_dir, write_json_atomic, write_text_atomic
+
 MANIFEST = "MANIFEST.json"
+FINAL_MODEL_DIR = "model"
 
 
 def rng_state() -> dict[str, Any]:
@@ -45,27 +48,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,8 +92,7 @@ def save_checkpoint(
         tmp / "state.pt",
     )
     if config is not None:
-        cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-        write_json_atomic(tmp / "config.json", cfg)
+        write_json_atomic(tmp / "config.json", config.to_dict() if hasattr(config, "to_dict") else config)
     write_json_atomic(
         tmp / MANIFEST,
         {"step": step, "models": sorted(models), "created_at": time.time()},
@@ -119,9 +100,8 @@ def save_checkpoint(
     if final.exists():  # a re-run of the same step after a crash: replace it whole
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    (root / ".LATEST.tmp").write_text(name)
-    os.replace(root / ".LATEST.tmp", root / "LATEST")
+    fsync_dir(root)
+    write_text_atomic(root / "LATEST", name)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -1,4 +1,4 @@
-"""Read preference pairs, sampled responses and the offline benchmark (``bench/data``).
+"""Read preference pairs, sampled responses and the offline benchmark (``benchdata``).
 
 Formats (JSONL, one object per line):
 
@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import benchdata
 
 PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "domain")
 PARTS = ("train", "test")
@@ -47,6 +49,19 @@ class PreferencePair:
     def flipped(self) -> bool:
         """Label noise was planted here: chosen/rejected are swapped relative to gold."""
         return bool(self.meta.get("flipped", False))
+
+
+def as_pair(pair: Any) -> PreferencePair:
+    """A :class:`PreferencePair` from one, or from a mapping with the same fields."""
+    if isinstance(pair, PreferencePair):
+        return pair
+    if isinstance(pair, Mapping):
+        return PreferencePair(prompt=pair["prompt"], chosen=pair["chosen"],
+                              rejected=pair["rejected"], domain=pair.get("domain"),
+                              id=pair.get("id"), meta=dict(pair.get("meta") or {}))
+    return PreferencePair(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
+                          domain=getattr(pair, "domain", None), id=getattr(pair, "id", None),
+                          meta=dict(getattr(pair, "meta", None) or {}))
 
 
 @dataclass
@@ -336,9 +351,15 @@ class Benchmark:
         return load_samples(self._domain_dir(domain) / samples_filename(part), allow_empty=True)
 
 
-def load_benchmark(task: str, root: Path | str = "bench/data") -> Benchmark:
-    """Open a built benchmark task (``csg`` or ``ka``); build it with ``make data``."""
-    root = Path(root)
+def default_bench_root() -> Path:
+    """The benchmark shipped with this installation (the ``benchdata`` package)."""
+    return benchdata.ROOT
+
+
+def load_benchmark(task: str, root: Path | str | None = None) -> Benchmark:
+    """Open a built benchmark task (``csg`` or ``ka``); build it with ``make data``.
+    ``root`` defaults to the installed benchmark (:func:`default_bench_root`)."""
+    root = Path(root) if root is not None else default_bench_root()
     splits_path = root / task / "splits.json"
     if not splits_path.is_file():
         raise DataError(splits_path, None, "not found; build the benchmark with `make data`")

@@ -14,13 +14,8 @@ from typing import Any
 
 import torch
 
+from training.data import as_pair
 from training.reward_model import RewardModel
-
-
-def _field(pair: Any, name: str, default: Any = None) -> Any:
-    if isinstance(pair, dict):
-        return pair.get(name, default)
-    return getattr(pair, name, default)
 
 
 def score_pairs(
@@ -28,14 +23,15 @@ def score_pairs(
 ) -> tuple[list[float], list[float]]:
     """Rewards of the chosen and of the rejected response of every pair, in order.
 
-    Pairs are objects or dicts with ``prompt``, ``chosen`` and ``rejected``. The model is
-    scored in eval mode (no dropout) and left in the mode it was in.
+    Pairs are :class:`~training.data.PreferencePair` objects or mappings with the same
+    fields. The model is scored in eval mode (no dropout) and left in the mode it was in.
     """
+    pairs = [as_pair(p) for p in pairs]
     was_training = rm.model.training
     rm.model.eval()
     try:
-        items = [{"prompt": _field(p, "prompt"), "response": _field(p, "chosen")} for p in pairs]
-        items += [{"prompt": _field(p, "prompt"), "response": _field(p, "rejected")} for p in pairs]
+        items = [{"prompt": p.prompt, "response": p.chosen} for p in pairs]
+        items += [{"prompt": p.prompt, "response": p.rejected} for p in pairs]
         # Sorting by length keeps padding (and so CPU time) low; scores don't depend on batching.
         encoded = [rm.encode(item) for item in items]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -106,8 +102,9 @@ def evaluate_pairs(
     Returns ``{"n_pairs", "accuracy", "accuracy_by_domain", "ece", "reward_diff_mean",
     "reward_diff_var"}``; a tie (Δ = 0) counts as wrong.
     """
+    pairs = [as_pair(p) for p in pairs]
     chosen, rejected = score_pairs(rm, pairs, batch_size=batch_size)
     deltas = [c - r for c, r in zip(chosen, rejected, strict=True)]
     if any(math.isnan(d) for d in deltas):
         raise ValueError("the reward model produced NaN rewards")
-    return summarize_deltas(deltas, [_field(p, "domain") for p in pairs], n_bins=n_bins)
+    return summarize_deltas(deltas, [p.domain for p in pairs], n_bins=n_bins)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -66,8 +67,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     The copy is written into a sibling temporary directory and renamed into place, so a
     crash mid-way never leaves a directory that looks complete.
     """
-    import json
-
+    # deferred: this module is imported torch-free by the API and the worker's parent
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = Path(target)
@@ -121,7 +121,3 @@ def resolve_pretrained(reference: str, artifacts_dir: Path | str = "artifacts") 
     if reference in SHORT_NAMES:
         return str(SHORT_NAMES[reference](Path(artifacts_dir)))
     return reference
-
-
-# Policies are resolved exactly like reward models; the alias documents intent at call sites.
-resolve_policy = resolve_pretrained

@@ -19,22 +19,22 @@ import inspect
 import json
 import logging
 import sys
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from training.atomic import utc_now, write_json_atomic
 from training.models import resolve_pretrained
+from training.registry import METADATA_FILE
 from training.reward_model import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = "generalrm.json"
 
 
 @dataclass
@@ -117,8 +117,6 @@ class Policy:
             kwargs["attn_implementation"] = attn_implementation
         adapter_config = Path(path) / "adapter_config.json"
         if adapter_config.is_file():
-            from peft import PeftModel
-
             base_path = json.loads(adapter_config.read_text())["base_model_name_or_path"]
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, path, is_trainable=trainable)
@@ -342,10 +340,10 @@ class Policy:
             "lora": self.is_lora and not merge,
             "merged": self.is_lora and merge,
             "chat_template": self.use_chat_template,
-            "created_at": time.time(),
+            "created_at": utc_now(),
             **(metadata or {}),
         }
-        (directory / METADATA_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        write_json_atomic(directory / METADATA_FILE, info)
         return directory
 
 
@@ -362,8 +360,6 @@ def keeps_logits_by_mask(model: torch.nn.Module) -> bool:
 
 def add_lora(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0) -> torch.nn.Module:
     """Wrap ``model`` with a fresh, seeded LoRA adapter; only the adapter trains."""
-    from peft import LoraConfig, get_peft_model
-
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -402,7 +398,3 @@ def kl_estimate(
     else:
         ref = reference.logprobs_chunked(prompts, responses, batch_size=batch_size)
     return float((logp - ref).mean())
-
-
-def spec_dict(spec: LoraSpec | None) -> dict[str, Any] | None:
-    return asdict(spec) if spec is not None else None

@@ -22,14 +22,14 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from training.atomic import utc_now, write_text_atomic
 from training.models import ModelNotFoundError as _PretrainedNotFoundError
+from training.models import resolve_pretrained
 
 METADATA_FILE = "generalrm.json"
 ALIASES_DIR = "aliases"
@@ -46,10 +46,6 @@ class RegistryError(Exception):
 
 class ModelNotFoundError(RegistryError, _PretrainedNotFoundError):
     """A registry reference names no complete version (also a ``training.models`` one)."""
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -94,6 +90,14 @@ def reward_stats(metadata: dict[str, Any]) -> dict[str, float] | None:
     return None
 
 
+def reward_stats_entry(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """The ``reward_stats`` entry of a new version's metadata, from a trainer's metrics
+    (``reward_mean``/``reward_std``), or None when the trainer measured none."""
+    if "reward_mean" in metrics and "reward_std" in metrics:
+        return {"mean": metrics["reward_mean"], "std": metrics["reward_std"]}
+    return None
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -118,20 +122,6 @@ class ModelVersion:
             "path": str(self.path),
             "metadata": self.metadata,
         }
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Registry:
@@ -337,7 +327,7 @@ class Registry:
                 "created_at": metadata.get("created_at") or utc_now(),
             }
             # generalrm.json is written last: it is what makes a version complete
-            _write_text_atomic(tmp / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True, default=str))
+            write_text_atomic(tmp / METADATA_FILE, json.dumps(record, indent=2, sort_keys=True, default=str))
             try:
                 os.rename(tmp, model_dir / target)
             except OSError as exc:
@@ -352,7 +342,7 @@ class Registry:
         """Point ``alias`` at ``version`` (atomically); the version must be complete."""
         check_name(alias, "alias")
         target = self.get(name, version)
-        _write_text_atomic(self._model_dir(name) / ALIASES_DIR / alias, target.version + "\n")
+        write_text_atomic(self._model_dir(name) / ALIASES_DIR / alias, target.version + "\n")
         return target
 
     def delete_alias(self, name: str, alias: str) -> None:
@@ -362,12 +352,39 @@ class Registry:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model reference made loadable: ``path`` for ``from_pretrained``; ``version`` when it
-    came from the registry (then ``label`` is ``name@version``), else None."""
+    """A model reference made loadable: ``path`` is what ``from_pretrained`` takes.
 
+    ``name@version`` (``label``) is what a response names as the model that produced it:
+    a registry version (``rm@v3``), a local directory (``<dir name>@pretrained``, or the
+    short name: ``minilm@pretrained``), or a hub id (``org/model@hub``).
+    """
+
+    reference: str  # what was asked for
     path: str
-    label: str
-    version: ModelVersion | None = None
+    name: str
+    version: str  # vN from the registry, "pretrained" (a local directory) or "hub"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def from_registry(self) -> bool:
+        return _VERSION.match(self.version) is not None
+
+    @property
+    def registry_label(self) -> str | None:
+        """``name@vN`` when the model came from the registry, else None (lineage)."""
+        return self.label if self.from_registry else None
+
+    @property
+    def reward_stats(self) -> dict[str, float] | None:
+        return reward_stats(self.metadata)
+
+
+def _from_version(reference: str, found: ModelVersion) -> ResolvedModel:
+    return ResolvedModel(reference, str(found.path), found.name, found.version, dict(found.metadata))
 
 
 def resolve_model(reference: str, artifacts_dir: Path | str) -> ResolvedModel:
@@ -378,14 +395,22 @@ def resolve_model(reference: str, artifacts_dir: Path | str) -> ResolvedModel:
     name. Raises :class:`ModelNotFoundError` for a registry-shaped reference that names no
     complete version.
     """
-    from training.models import resolve_pretrained
-
     registry = Registry.from_artifacts(artifacts_dir)
     if is_registry_reference(reference):
-        found = registry.resolve(reference)
-        return ResolvedModel(str(found.path), found.reference, found)
+        return _from_version(reference, registry.resolve(reference))
     if _NAME.match(reference):
         found = registry.try_resolve(reference)
         if found is not None:
-            return ResolvedModel(str(found.path), found.reference, found)
-    return ResolvedModel(resolve_pretrained(reference, artifacts_dir), reference)
+            return _from_version(reference, found)
+    path = resolve_pretrained(reference, artifacts_dir)
+    local = Path(path)
+    if local.is_dir():
+        metadata_file = local / METADATA_FILE
+        try:
+            metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else {}
+        except (OSError, ValueError):
+            metadata = {}
+        name = reference if reference != path else local.name
+        return ResolvedModel(reference, path, name, "pretrained",
+                             metadata if isinstance(metadata, dict) else {})
+    return ResolvedModel(reference, path, reference, "hub", {})

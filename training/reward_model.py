@@ -274,6 +274,11 @@ class RewardModel:
         finally:
             handle.remove()
 
+    def rewards(self, items: Sequence[Item], *, truncate: bool = True) -> torch.Tensor:
+        """Differentiable rewards of ``items`` in one padded forward pass, shape (B,)."""
+        input_ids, mask = self.pad([self.encode(item, truncate=truncate) for item in items])
+        return self.forward(input_ids, mask)
+
     @torch.inference_mode()
     def score_ids(self, batch: Sequence[Sequence[int]]) -> list[float]:
         """Scores of one padded forward pass over already encoded items."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from training.settings import Settings
+from worker.settings import WorkerSettings
 
 RUN_JOB_TASK = "generalrm.run_job"
 QUEUES = ("train", "adapt")
@@ -29,8 +29,8 @@ def route_by_kind(name, args, kwargs, options, task=None, **kw):
         return {"queue": "train"}
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    settings = settings or Settings()
+def make_celery(settings: WorkerSettings | None = None) -> Celery:
+    settings = settings or WorkerSettings()
     app = Celery("generalrm", broker=settings.redis_url, backend=settings.redis_url)
     transport = {"visibility_timeout": settings.visibility_timeout_seconds}
     app.conf.update(

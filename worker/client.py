@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 import redis
 from kombu.exceptions import OperationalError
 
-from training.settings import Settings
 from worker.kinds import available_kinds, get_kind
 from worker.reaper import reap_stale
+from worker.settings import WorkerSettings
 from worker.specs import SpecError, ValidationContext
 from worker.store import STATUSES, JobStore, new_job_id
 
@@ -58,8 +58,8 @@ def _unavailable_as_503(method):
 class JobClient:
     """Jobs in Redis, for the API. Thread-safe (redis-py pools its connections)."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
+    def __init__(self, settings: WorkerSettings | None = None) -> None:
+        self.settings = settings or WorkerSettings()
         self.store = JobStore.from_url(self.settings.redis_url)
         self._celery = None
 
@@ -83,6 +83,10 @@ class JobClient:
         except KeyError as exc:
             raise SpecError(exc.args[0]) from None
         return job_kind.validate(spec, ValidationContext(self.settings))
+
+    def deprecations(self, kind: str, spec: Any) -> list[str]:
+        """What of ``spec`` still uses a renamed key (it works; the client should move)."""
+        return get_kind(kind, diagnostics=True).deprecations(spec)
 
     @_unavailable_as_503
     def submit(self, kind: str, spec: Any) -> dict[str, Any]:

@@ -17,22 +17,22 @@ from pathlib import Path
 
 from training.callbacks import TrainingCancelled
 from training.registry import Registry
-from training.settings import Settings
 from worker.kinds import get_kind
 from worker.progress import Heartbeat, JobCallback, LeaseLost
+from worker.settings import WorkerSettings
 from worker.specs import JobContext, latest_checkpoint_step
-from worker.store import JobStore, utc_now
+from worker.store import JobStore, record_time
 
 log = logging.getLogger(__name__)
 
 
-def job_dir(settings: Settings, job_id: str) -> Path:
+def job_dir(settings: WorkerSettings, job_id: str) -> Path:
     return Path(settings.artifacts_dir) / "jobs" / job_id
 
 
 def execute_job(
     job_id: str,
-    settings: Settings | None = None,
+    settings: WorkerSettings | None = None,
     worker_name: str | None = None,
     requeue: Callable[[str, str, str], None] | None = None,
 ) -> str:
@@ -40,7 +40,7 @@ def execute_job(
     succeeded, failed, cancelled, released (worker shutting down: checkpointed and handed
     back to the queue through ``requeue(job_id, kind, queue)``), owned (a live worker has
     it), finished (already final), exhausted (attempt cap), missing or lease_lost."""
-    settings = settings or Settings()
+    settings = settings or WorkerSettings()
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     store = JobStore.from_url(settings.redis_url)
     record = store.get(job_id)
@@ -57,7 +57,7 @@ def execute_job(
     run_dir = job_dir(settings, job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_step(run_dir)
-    started = {"attempt": claim.attempt, "worker": worker_name, "started_at": utc_now(),
+    started = {"attempt": claim.attempt, "worker": worker_name, "started_at": record_time(),
                "resumed_from_step": resumed_from}
     store.update_if_owner(job_id, token, attempts=[*record.get("attempts", []), started],
                           progress={**record.get("progress", {}), "resumed_from_step": resumed_from})

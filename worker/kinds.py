@@ -1,9 +1,10 @@
 """The job kind table: one place mapping a kind to its queue, spec validator and runner.
 
-Adding a kind (``strength``, ``meta_train``, ``metarm``, ``adapt``) = a module under
-``worker/jobs/`` with ``validate(spec, ValidationContext) -> spec`` (torch-free: it runs in
-the API at submission) and ``run(JobContext) -> JobOutcome`` (runs in a fresh worker
-process; import torch inside it), plus one line in ``KINDS``.
+Adding a kind = its spec model in ``worker/specs.py``, a module under ``worker/jobs/`` with
+``validate(spec, ValidationContext) -> spec`` (torch-free: it runs in the API at submission;
+the checks it needs are in ``worker/jobs/checks.py``) and ``run(JobContext) -> JobOutcome``
+(runs in a fresh worker process; import the trainer, and so torch, inside it), plus one line
+in ``KINDS``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from training.metarm.config import MetaRMConfig
 from worker.jobs import adapt, diagnostic, meta_train, metarm, strength, train_rm
 from worker.specs import JobContext, JobOutcome, ValidationContext
+
+
+def _no_deprecations(_spec: Any) -> list[str]:
+    return []
+
+
+def _params_of(config_cls):
+    def deprecations(spec: Any) -> list[str]:
+        params = spec.get("params") if isinstance(spec, dict) else None
+        return config_cls.deprecated_keys(params) if isinstance(params, dict) else []
+
+    return deprecations
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,8 @@ class JobKind:
     validate: Callable[[Any, ValidationContext], dict[str, Any]]
     run: Callable[[JobContext], JobOutcome]
     description: str
+    # renamed keys a spec still uses: told back to the client with the 202
+    deprecations: Callable[[Any], list[str]] = _no_deprecations
 
 
 KINDS: dict[str, JobKind] = {
@@ -41,11 +57,13 @@ KINDS: dict[str, JobKind] = {
     metarm.KIND: JobKind(
         metarm.KIND, "train", metarm.validate, metarm.run,
         "MetaRM update of an RM on shifted samples; publishes a new RM version with diagnostics",
+        _params_of(MetaRMConfig),
     ),
     adapt.KIND: JobKind(
         adapt.KIND, "adapt", adapt.validate, adapt.run,
         "OOD-PL meta-test: adapt a policy to a domain's prompts (optionally MetaRM rounds); "
         "publishes the policy (and the domain-adapted RM)",
+        adapt.deprecated_keys,
     ),
 }
 

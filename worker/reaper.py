@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from training.settings import Settings
+from worker.settings import WorkerSettings
 from worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ ACTIONS = ("requeued", "failed", "cancelled")
 
 
 def reap_stale(
-    store: JobStore, settings: Settings, enqueue: Callable[[str, str, str], None]
+    store: JobStore, settings: WorkerSettings, enqueue: Callable[[str, str, str], None]
 ) -> list[dict[str, Any]]:
     """One pass over the active jobs; returns ``[{"id", "action"}]`` for what it changed."""
     done = []
@@ -46,14 +46,14 @@ def reap_stale(
     return done
 
 
-def reap_interval(settings: Settings) -> float:
+def reap_interval(settings: WorkerSettings) -> float:
     return max(0.2, min(settings.job_heartbeat_seconds, settings.job_stale_seconds / 2))
 
 
 class ReaperThread(threading.Thread):
     """Calls :func:`reap_stale` every :func:`reap_interval` seconds until stopped."""
 
-    def __init__(self, store: JobStore, settings: Settings, enqueue) -> None:
+    def __init__(self, store: JobStore, settings: WorkerSettings, enqueue) -> None:
         super().__init__(name="generalrm-reaper", daemon=True)
         self.store, self.settings, self.enqueue = store, settings, enqueue
         self.stopped = threading.Event()

@@ -1,31 +1,151 @@
-"""What every job kind shares: spec errors, dataset paths, and the contexts a kind gets.
+"""The job-spec vocabulary: what a client may send for each job kind, and what a kind gets
+when it runs.
 
-Torch-free: the API validates specs with these at submission.
+A spec's *shape* (its keys, their types, their defaults) is a pydantic model here, one per
+kind; what needs the filesystem or the registry (a data file exists and parses, a model
+reference resolves) is checked by ``worker.jobs.checks``; a kind's module glues the two in
+its ``validate``. Torch-free: the API validates specs at submission.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from training.callbacks import TrainerCallback
 from training.registry import Registry
-from training.settings import Settings
+from worker.settings import WorkerSettings
 
 
 class SpecError(ValueError):
     """A job spec that cannot run; the message says what to fix (the API answers 422)."""
 
 
+# ---------------------------------------------------------------------- field types
+DataPath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+"""A dataset path relative to the data directory (``GENERALRM_DATA_DIR``)."""
+ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+"""A model reference: short name, registry ``name[@version|:alias]``, local directory, hub id."""
+RegistryName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class JobSpec(BaseModel):
+    """Base of every kind's spec: strict types, unknown keys refused by name, finite floats."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    kind: ClassVar[str] = ""
+    params: dict[str, Any] = Field(default_factory=dict, description="the trainer's config keys")
+
+    @classmethod
+    def parse(cls, spec: Any) -> Self:
+        """The spec with its defaults, or :class:`SpecError` naming every problem."""
+        if not isinstance(spec, Mapping):
+            raise SpecError(f"the spec of a {cls.kind} job must be a JSON object, "
+                            f"got {type(spec).__name__}")
+        try:
+            return cls.model_validate(dict(spec))
+        except ValidationError as exc:
+            raise SpecError(_describe(cls, exc)) from None
+
+
+def _describe(cls: type[JobSpec], exc: ValidationError) -> str:
+    unknown = sorted(str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"
+                     and len(e["loc"]) == 1)
+    parts = []
+    if unknown:
+        parts.append(f"unknown spec key(s) {unknown} for a {cls.kind} job; allowed keys: "
+                     f"{sorted(cls.model_fields)}")
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        if error["type"] == "extra_forbidden" and len(error["loc"]) == 1:
+            continue
+        if error["type"] == "missing":
+            parts.append(f"{where}: required")
+        else:
+            parts.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(parts)
+
+
+class TrainRMSpec(JobSpec):
+    """``train_rm``: Bradley–Terry RM training, published as a new registry version."""
+
+    kind: ClassVar[str] = "train_rm"
+    train_file: DataPath = Field(description="preference pairs JSONL")
+    eval_file: DataPath | None = Field(None, description="held-out pairs JSONL")
+    model: ModelRef = Field("minilm", description="backbone or RM to start from")
+    name: RegistryName = Field("rm", description="registry model to publish to")
+
+
+class StrengthSpec(JobSpec):
+    """``strength``: preference strength of every training pair from an RM ensemble."""
+
+    kind: ClassVar[str] = "strength"
+    train_file: DataPath = Field(description="preference pairs JSONL")
+    output_file: DataPath | None = Field(None, description="where to write the strength JSONL "
+                                         "(a new file in the data directory)")
+    model: ModelRef = Field("minilm", description="ensemble backbone")
+
+
+class MetaTrainSpec(JobSpec):
+    """``meta_train``: OOD-PL bilevel meta-training of an RM, published as a new version."""
+
+    kind: ClassVar[str] = "meta_train"
+    reward_model: ModelRef = Field("minilm", description="φ to start from")
+    policy: ModelRef = Field("smollm2-135m", description="π_θ of the inner loop")
+    samples_file: DataPath | None = Field(None, description="D_xy rows with a domain")
+    pairs_file: DataPath | None = Field(None, description="D_PL pairs with a domain")
+    task: str | None = Field(None, description="or the bundled benchmark task (csg, ka)")
+    name: RegistryName = Field("rm", description="registry model to publish to")
+
+
+class MetaRMSpec(JobSpec):
+    """``metarm``: the MetaRM update of an RM on shifted samples, published as a new version."""
+
+    kind: ClassVar[str] = "metarm"
+    model: ModelRef = Field("minilm", description="RM to start from")
+    pairs_file: DataPath = Field(description="source preference pairs JSONL (X_t)")
+    samples_file: DataPath | None = Field(None, description="shifted samples JSONL (X_s); "
+                                          "optional only with params.meta_lr = 0")
+    name: RegistryName = Field("rm", description="registry model to publish to")
+
+
+class AdaptSpec(JobSpec):
+    """``adapt``: OOD-PL meta-test adaptation of a policy to a new domain (+ MetaRM rounds)."""
+
+    kind: ClassVar[str] = "adapt"
+    domain: Annotated[str, StringConstraints(min_length=1, max_length=256)] = Field(
+        description="the new domain")
+    prompts: list[str] | None = Field(None, description="the domain's prompts, inline")
+    dataset: DataPath | None = Field(None, description="or a JSONL of {prompt[, responses]} rows")
+    pairs: DataPath | None = Field(None, description="the domain's pairs (PL accuracy)")
+    policy: ModelRef = Field("smollm2-135m", description="reference policy")
+    reward_model: ModelRef = Field("minilm", description="the frozen RM")
+    name: RegistryName | None = Field(None, description="registry name of the adapted policy "
+                                      "(default policy-<domain>)")
+    rm_name: RegistryName | None = Field(None, description="registry name of the domain-adapted "
+                                         "RM, with params.metarm (default rm-<domain>)")
+
+
+class SleepStepsSpec(JobSpec):
+    """``sleep_steps`` (diagnostic): counts steps, optionally crashing its worker."""
+
+    kind: ClassVar[str] = "sleep_steps"
+    steps: int = Field(10, ge=1, le=100_000)
+    step_seconds: float = Field(0.1, ge=0, le=60)
+    crash_at_step: int | None = Field(None, ge=1)
+
+
+# ---------------------------------------------------------------------- contexts
 @dataclass(frozen=True)
 class ValidationContext:
     """What a spec validator may look at: settings (data dir, artifacts) and the registry."""
 
-    settings: Settings
+    settings: WorkerSettings
 
     @property
     def registry(self) -> Registry:
@@ -47,7 +167,7 @@ class JobContext:
     job_id: str
     spec: dict[str, Any]
     run_dir: Path  # artifacts/jobs/{id}/: outputs and checkpoints; survives restarts
-    settings: Settings
+    settings: WorkerSettings
     callback: TrainerCallback  # progress + cooperative cancel (and loss of the lease)
     attempt: int
     registry: Registry
@@ -59,94 +179,11 @@ class JobContext:
             self.check_owner()
 
 
-def require_mapping(spec: Any, kind: str) -> dict[str, Any]:
-    if not isinstance(spec, dict):
-        raise SpecError(f"the spec of a {kind} job must be a JSON object, got {type(spec).__name__}")
-    return spec
-
-
-def reject_unknown_keys(spec: dict[str, Any], allowed: Iterable[str], kind: str) -> None:
-    allowed = sorted(allowed)
-    unknown = sorted(set(spec) - set(allowed))
-    if unknown:
-        raise SpecError(
-            f"unknown spec key(s) {unknown} for a {kind} job; allowed keys: {allowed}"
-        )
-
-
-def spec_with_defaults(spec: Any, kind: str, defaults: dict[str, Any],
-                       allowed: Iterable[str]) -> dict[str, Any]:
-    """A kind's spec: a JSON object of ``allowed`` keys only, ``defaults`` filled in."""
-    spec = {**defaults, **require_mapping(spec, kind)}
-    reject_unknown_keys(spec, allowed, kind)
-    return spec
-
-
-def resolve_data_path(value: Any, key: str, data_dir: Path) -> Path:
-    """A dataset path of a spec: relative to the data directory (or absolute inside it)."""
-    if not isinstance(value, str) or not value.strip():
-        raise SpecError(f"{key}: give a dataset path relative to the data directory {data_dir}")
-    root = data_dir.resolve()
-    path = (root / value).resolve()  # an absolute value replaces root; '..' is resolved away
-    if not path.is_relative_to(root):
-        raise SpecError(
-            f"{key}: {value!r} is outside the data directory {root}; put the file under it "
-            "(GENERALRM_DATA_DIR) and give a path relative to it"
-        )
-    if not path.is_file():
-        raise SpecError(f"{key}: {value!r} does not exist in the data directory {root}")
-    return path
-
-
-def _json_lines(path: Path, key: str) -> Iterator[tuple[int, Any]]:
-    """(line number, value) of the non-blank lines of a JSONL file; SpecError on bad JSON."""
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except ValueError as exc:
-                raise SpecError(f"{key}: line {line_no} of {path.name} is not JSON ({exc})") from None
-
-
-def jsonl_objects(path: Path, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, row) of a JSONL file of objects; SpecError on bad JSON or a non-object."""
-    for line_no, row in _json_lines(path, key):
-        if not isinstance(row, dict):
-            raise SpecError(f"{key}: line {line_no} of {path.name} is not a JSON object")
-        yield line_no, row
-
-
-def check_preference_jsonl(path: Path, key: str) -> None:
-    """Cheap check of the first record: a JSONL of {"prompt","chosen","rejected"} objects."""
-    for line_no, row in _json_lines(path, key):
-        missing = [k for k in ("prompt", "chosen", "rejected")
-                   if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if missing:
-            raise SpecError(
-                f"{key}: line {line_no} of {path.name} lacks string field(s) {missing}; "
-                'each line must be {"prompt": ..., "chosen": ..., "rejected": ...}'
-            )
-        return
-    raise SpecError(f"{key}: {path.name} holds no preference pairs")
-
-
-def data_fingerprint(paths: Iterable[Path]) -> str:
-    """sha256 over the bytes of the data files (in order): the lineage of a trained model."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(f"{Path(path).stat().st_size}:".encode())  # file boundaries count
-        with open(path, "rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def latest_checkpoint_step(run_dir: Path) -> int:
     """Step of the newest complete checkpoint under ``run_dir/checkpoints`` (0 if none).
 
-    Reads the manifests of ``training.checkpoint``'s layout without importing torch.
+    Reads the manifests of ``training.checkpoint``'s layout without importing torch (the
+    worker's parent process and the API stay torch-free).
     """
     root = run_dir / "checkpoints"
     steps = []

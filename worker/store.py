@@ -21,10 +21,11 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
+
+from training.atomic import utc_now
 
 PREFIX = "generalrm:"
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -141,8 +142,9 @@ return 'cancelling'
 """
 
 
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def record_time() -> str:
+    """Job-record timestamps: ISO-8601 UTC to the millisecond (ordering within a second)."""
+    return utc_now("milliseconds")
 
 
 def new_job_id() -> str:
@@ -301,12 +303,12 @@ class JobStore:
     def create(
         self, job_id: str, kind: str, queue: str, spec: dict[str, Any], max_attempts: int
     ) -> dict[str, Any]:
-        now = utc_now()
+        created = record_time()
         record = {
             "id": job_id, "kind": kind, "queue": queue, "spec": spec, "status": "queued",
             "attempt": 0, "max_attempts": max_attempts, "heartbeat": None, "worker": None,
             "progress": {}, "metrics": {}, "artifacts": {}, "error": None, "attempts": [],
-            "cancel_requested": False, "created_at": now, "updated_at": now,
+            "cancel_requested": False, "created_at": created, "updated_at": created,
         }
         pipe = self.redis.pipeline(transaction=True)
         encoded = {key: _dumps(value) for key, value in record.items()}
@@ -336,7 +338,7 @@ class JobStore:
         reply = self._claim(
             keys=[self.record_key(job_id), self.lease_key(job_id), self.cancel_key(job_id),
                   self.ACTIVE_KEY],
-            args=[token, int(lease_seconds * 1000), json.dumps(utc_now()), max_attempts,
+            args=[token, int(lease_seconds * 1000), json.dumps(record_time()), max_attempts,
                   json.dumps(worker), job_id, json.dumps(error)],
         )
         outcome = reply[0].decode()
@@ -347,7 +349,7 @@ class JobStore:
         return ClaimResult(outcome)
 
     def update_if_owner(self, job_id: str, token: str, **fields: Any) -> bool:
-        fields.setdefault("updated_at", utc_now())
+        fields.setdefault("updated_at", record_time())
         return bool(
             self._update_if_owner(
                 keys=[self.record_key(job_id), self.lease_key(job_id)],
@@ -360,7 +362,7 @@ class JobStore:
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final status")
         fields.update(status=status)
-        fields.setdefault("updated_at", utc_now())
+        fields.setdefault("updated_at", record_time())
         return bool(
             self._finish_if_owner(
                 keys=[self.record_key(job_id), self.lease_key(job_id), self.ACTIVE_KEY,
@@ -373,14 +375,14 @@ class JobStore:
         """Hand a stopped (checkpointed) job back: status queued, this attempt not counted."""
         return bool(self._release_if_owner(
             keys=[self.record_key(job_id), self.lease_key(job_id)],
-            args=[token, json.dumps(utc_now())],
+            args=[token, json.dumps(record_time())],
         ))
 
     def renew(self, job_id: str, token: str, lease_seconds: float) -> bool:
         return bool(
             self._renew(
                 keys=[self.record_key(job_id), self.lease_key(job_id)],
-                args=[token, int(lease_seconds * 1000), json.dumps(utc_now())],
+                args=[token, int(lease_seconds * 1000), json.dumps(record_time())],
             )
         )
 
@@ -407,7 +409,7 @@ class JobStore:
         reply = self._reap(
             keys=[self.record_key(job_id), self.lease_key(job_id), self.cancel_key(job_id),
                   self.ACTIVE_KEY],
-            args=[json.dumps(utc_now()), max_attempts, job_id, json.dumps(error)],
+            args=[json.dumps(record_time()), max_attempts, job_id, json.dumps(error)],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
@@ -417,6 +419,6 @@ class JobStore:
         already had, or ``missing``."""
         reply = self._cancel(
             keys=[self.record_key(job_id), self.cancel_key(job_id), self.ACTIVE_KEY],
-            args=[json.dumps(utc_now()), job_id, CANCEL_KEY_TTL_SECONDS],
+            args=[json.dumps(record_time()), job_id, CANCEL_KEY_TTL_SECONDS],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)

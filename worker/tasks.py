@@ -11,10 +11,10 @@ import logging
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from redis.exceptions import RedisError
 
-from training.settings import Settings
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.dispatch import enqueue
 from worker.reaper import ReaperThread, reap_interval
+from worker.settings import WorkerSettings
 from worker.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def run_job(self, job_id: str, kind: str | None = None) -> str:
 
     try:
         return execute_job(
-            job_id, Settings(), worker_name=self.request.hostname,
+            job_id, WorkerSettings(), worker_name=self.request.hostname,
             requeue=lambda job, kind_name, queue: enqueue(self.app, job, kind_name, queue),
         )
     except RedisError as exc:
@@ -40,7 +40,7 @@ def run_job(self, job_id: str, kind: str | None = None) -> str:
 @worker_ready.connect
 def _start_reaper(sender=None, **kwargs) -> None:
     global _reaper
-    settings = Settings()
+    settings = WorkerSettings()
     celery_app = sender.app if sender is not None else app
     store = JobStore.from_url(settings.redis_url)
     if sender is not None:
@@ -60,7 +60,7 @@ def _drain_running_job(sender=None, sig=None, how=None, exitcode=None, **kwargs)
     if sender is None:
         return
     try:
-        JobStore.from_url(Settings().redis_url).set_draining(str(sender), True)
+        JobStore.from_url(WorkerSettings().redis_url).set_draining(str(sender), True)
         log.info("shutting down (%s): the running job will checkpoint and be re-queued", sig)
     except Exception as exc:  # Redis down: Celery's own shutdown still proceeds
         log.warning("could not ask the running job to checkpoint: %s", exc)

@@ -7,26 +7,11 @@ versions, ``scores`` and ``extra_logs``).
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Response
-from pydantic import BaseModel, Field
 
 from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
+from service.schemas import GetRewardRequest, GetRewardResponse
 from service.scoring import check_item_count, encode_and_score
-
-
-class GetRewardRequest(BaseModel):
-    query: list[str] = Field(description="Full texts (prompt + response) to score")
-    prompts: list[str] | None = None
-    labels: list[Any] | None = None
-
-
-class GetRewardResponse(BaseModel):
-    rewards: list[float]
-    scores: list[float]
-    extra_logs: dict[str, Any]
-
 
 router = APIRouter()
 

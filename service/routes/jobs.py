@@ -10,34 +10,19 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import JobsDep
 from service.errors import InvalidInput, NotFound
-
-
-class JobRequest(BaseModel):
-    kind: str = Field(description="train_rm | strength | meta_train | metarm | adapt")
-    spec: dict[str, Any] = Field(default_factory=dict)
-
+from service.jobs import submit_job
+from service.schemas import JobRequest
 
 router = APIRouter()
 
 
-def accepted(request: Request, record: dict[str, Any]) -> JSONResponse:
-    status_url = str(request.url_for("get_job", job_id=record["id"]))
-    return JSONResponse(
-        {"job_id": record["id"], "status_url": status_url, "status": record["status"]},
-        status_code=202,
-        headers={"Location": status_url},
-    )
-
-
 @router.post("/jobs", status_code=202)
-async def submit_job(body: JobRequest, request: Request, jobs: JobsDep) -> JSONResponse:
-    record = await run_in_threadpool(jobs.submit, body.kind, body.spec)
-    return accepted(request, record)
+async def submit(body: JobRequest, request: Request, jobs: JobsDep) -> JSONResponse:
+    return await submit_job(request, jobs, body.kind, body.spec)
 
 
 @router.get("/jobs")

@@ -5,17 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ManagerDep, RegistryDep
+from service.schemas import AliasRequest
 
 router = APIRouter()
-
-
-class AliasRequest(BaseModel):
-    version: str | int
-
 
 def _served(manager) -> dict[str, Any] | None:
     current = manager.current

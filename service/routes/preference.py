@@ -5,42 +5,17 @@ from __future__ import annotations
 import math
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
 
 from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
-from service.routes.score import Message, Usage
+from service.schemas import (
+    ConversationPair,
+    PreferenceRequest,
+    PreferenceResponse,
+    PreferenceResult,
+    PromptPair,
+    Usage,
+)
 from service.scoring import check_item_count, encode_and_score
-
-
-class PromptPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    a: str
-    b: str
-
-
-class ConversationPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    messages_a: list[Message] = Field(min_length=1)
-    messages_b: list[Message] = Field(min_length=1)
-
-
-class PreferenceRequest(BaseModel):
-    items: list[PromptPair | ConversationPair] = Field(min_length=1)
-    model: str | None = None
-    truncate: bool = True
-
-
-class PreferenceResult(BaseModel):
-    reward_a: float
-    reward_b: float
-    p_a_over_b: float
-
-
-class PreferenceResponse(BaseModel):
-    model: str
-    results: list[PreferenceResult]
-    usage: Usage
 
 
 def _sigmoid(x: float) -> float:

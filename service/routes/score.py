@@ -2,50 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
+from service.schemas import ScoreRequest, ScoreResponse, Usage
 from service.scoring import check_item_count, encode_and_score, normalize
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Annotated[str, StringConstraints(min_length=1)]
-    content: str
-
-
-class PromptResponse(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    response: str
-
-
-class Conversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    messages: list[Message] = Field(min_length=1)
-
-
-class ScoreRequest(BaseModel):
-    items: list[PromptResponse | Conversation] = Field(
-        min_length=1, description="{prompt, response} or {messages} objects"
-    )
-    model: str | None = Field(None, description="name[@version|:alias]; default: the served RM")
-    normalize: bool = False
-    truncate: bool = True
-
-
-class Usage(BaseModel):
-    tokens: int
-
-
-class ScoreResponse(BaseModel):
-    model: str
-    rewards: list[float]
-    usage: Usage
-
 
 router = APIRouter()
 

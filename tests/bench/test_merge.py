@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
-from bench import noise, ood
+from bench import noise
+from bench.ood import cli as ood
+from bench.ood.merge import merge
+from bench.ood.settings import Settings
 
 NOISE_CONFIG = {"seeds": 3, "num_models": 3, "epochs": 2.0, "max_train_pairs": 192, "quick": False}
 
@@ -55,7 +58,7 @@ def test_noise_merge_refuses_other_configurations_and_repeated_rows(tmp_path):
 
 def ood_run(path, task, gold_by_method, *, complete=True, seeds=(0, 1, 2), step_runs=None,
             method_cost=None, **settings):
-    s = ood.Settings(tasks=(task,), **settings)
+    s = Settings(tasks=(task,), **settings)
     per_seed = [{"task": task, "domain": f"d{d}", "method": method, "seed": seed,
                  "gold": gold + 0.01 * seed, "pl_accuracy": 0.5}
                 for d in range(4) for method, gold in gold_by_method.items() for seed in seeds]
@@ -124,7 +127,7 @@ def test_ood_merge_adds_costs_and_keeps_a_rows_only_runs_prerequisites_apart(tmp
                      step_runs=[{"bt_trainer_step_s": 0.2}] * 3,
                      method_cost=cost(bt=5.0, **{"metarm+adapt": 300.0}))
     out = tmp_path / "ood.json"
-    report = ood.merge([first, second, rounds], out, None)
+    report = merge([first, second, rounds], out, None)
     assert report["method_cost"]["ka/bt"] == {"wall_time_s": 150.0, "peak_rss_mb": 1000}
     assert report["method_cost"]["ka/meta"] == {"wall_time_s": 290.0, "peak_rss_mb": 2000}
     assert report["method_cost"]["ka/metarm+adapt"]["wall_time_s"] == 300.0
@@ -151,6 +154,6 @@ def test_a_jobs_unit_runs_the_same_configuration_on_one_task_and_seed(argv, tmp_
     assert unit[1:3] == ["-m", "bench.ood"]
     unit_args = parser.parse_args(unit[3:])
     alone = ood.settings_from_args(unit_args, parser)
-    assert alone == ood.replace(whole, tasks=("ka",), seeds=(1,), work_dir=str(tmp_path / "ka-1"))
+    assert alone == replace(whole, tasks=("ka",), seeds=(1,), work_dir=str(tmp_path / "ka-1"))
     assert (unit_args.methods, unit_args.threads, unit_args.jobs) == (args.methods, args.threads, 1)
     assert unit_args.output == str(tmp_path / "ka-1.json") and unit_args.figure == ""

@@ -8,7 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from bench.metarm_rows import VANILLA, metarm_targets, plot_variance, run_rounds, variance_curves
-from bench.ood import METHODS, Settings, aggregate, main
+from bench.ood.cli import main
+from bench.ood.report import aggregate
+from bench.ood.settings import METHODS, Settings
 from training.data import PreferencePair, PromptSamples
 
 ROWS = [PromptSamples(p, ["good great", "bad awful", "fine ok"]) for p in ("hello", "how are you?")]

@@ -125,7 +125,7 @@ def test_adapt_with_metarm_rounds_publishes_policy_and_rm(stack, tiny_policy: Pa
     record = _run(url, "/adapt", {
         "domain": "cooking", "dataset": "cooking.prompts.jsonl", "policy": str(tiny_policy),
         "reward_model": "rm:production",
-        "params": {**TINY_ADAPT, "metarm": {**TINY_METARM, "pairs_path": "source.pairs.jsonl",
+        "params": {**TINY_ADAPT, "metarm": {**TINY_METARM, "pairs_file": "source.pairs.jsonl",
                                             "rounds": 2}},
     }, worker)
     assert record["artifacts"]["policy"] == "policy-cooking@v1"
@@ -246,8 +246,8 @@ def test_meta_train_job_publishes_an_rm_version(stack, tiny_policy: Path) -> Non
         ({"domain": "x", "dataset": "../../etc/passwd"}, "outside the data directory"),
         ({"domain": "x", "prompts": PROMPTS, "reward_model": "nosuch:production"}, "reward_model"),
         ({"domain": "x", "prompts": PROMPTS, "params": {"metarm": {"rounds": 1}}},
-         "params.metarm.pairs_path: required"),
-        ({"domain": "x", "prompts": PROMPTS, "params": {"metarm": {"pairs_path": "../x.jsonl"}}},
+         "params.metarm.pairs_file: required"),
+        ({"domain": "x", "prompts": PROMPTS, "params": {"metarm": {"pairs_file": "../x.jsonl"}}},
          "outside the data directory"),
         ({"prompts": PROMPTS}, "domain"),
     ],

@@ -10,8 +10,8 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.settings import ServiceSettings as Settings
 from tests.conftest import free_port
-from training.settings import Settings
 
 
 class LiveServer:

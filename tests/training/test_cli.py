@@ -1,21 +1,23 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.training.test_rm_trainer import (  # noqa: F401 (fixture)
+from tests.training.bt.test_trainer import (  # noqa: F401 (fixture)
     one_torch_thread,
     sentiment_pairs,
     write_jsonl,
 )
-from training.__main__ import app, load_config, parse_overrides
+from training.__main__ import app
+from training.bt.config import RMTrainConfig, StrengthConfig
+from training.config import ConfigError, load_config, parse_overrides
 from training.reward_model import RewardModel
-from training.rm_trainer import ConfigError, RMTrainConfig
-from training.strength import StrengthConfig
 
 runner = CliRunner()
 
@@ -23,7 +25,7 @@ runner = CliRunner()
 def test_overrides_are_yaml_typed_and_nest() -> None:
     assert parse_overrides(["max_steps=3", "learning_rate=1e-4", "eval_file=null",
                             "trainer_options.warmup_ratio=0.0", "model=minilm"]) == {
-        "max_steps": 3, "learning_rate": "1e-4", "eval_file": None,
+        "max_steps": 3, "learning_rate": 1e-4, "eval_file": None,
         "trainer_options": {"warmup_ratio": 0.0}, "model": "minilm"}
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["max_steps"])
@@ -81,3 +83,32 @@ def test_strength_command(tiny_encoder_rm, tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert (tmp_path / "train.strength.jsonl").is_file()
     assert (tmp_path / "ens" / "strength_summary.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("command", "assignment", "field"),
+    [
+        ("train-rm", "learning_rate=-1", "learning_rate"),
+        ("strength", "num_models=1", "num_models"),
+        ("meta-train", "inner_lr=-1", "inner_lr"),
+        ("adapt", "steps=0", "steps"),
+        ("metarm", "lr=-1", "learning_rate"),  # lr: MetaRM's old name of learning_rate
+        ("dpo", "beta=-1", "beta"),
+        ("metarm", "max_steps=1e18", "max_steps"),
+        ("train-rm", "epochs=.nan", "epochs"),
+    ],
+)
+def test_every_trainer_refuses_a_bad_value_in_one_error_line(command, assignment, field) -> None:
+    result = runner.invoke(app, [command, "--set", "train_file=x.jsonl", "--set", assignment]
+                           if command in ("train-rm", "strength") else [command, "--set", assignment])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and field in lines[0], result.output
+
+
+def test_python_m_training_prints_no_traceback_for_a_bad_value() -> None:
+    done = subprocess.run([sys.executable, "-m", "training", "metarm", "--set", "lr=-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: learning_rate") and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from tests.training.test_rm_trainer import one_torch_thread  # noqa: F401 (fixture)
+from tests.training.bt.test_trainer import one_torch_thread  # noqa: F401 (fixture)
+from training.data import PreferencePair as Pair
 from training.evaluate import (
     evaluate_pairs,
     expected_calibration_error,
@@ -12,7 +13,6 @@ from training.evaluate import (
     summarize_deltas,
 )
 from training.reward_model import RewardModel
-from training.rm_trainer import Pair
 
 
 def test_summary_of_known_differences() -> None:

@@ -11,7 +11,6 @@ from training import models
 from training.models import (
     CONVERTED_MARKER,
     ModelNotFoundError,
-    resolve_policy,
     resolve_pretrained,
 )
 
@@ -24,7 +23,6 @@ def test_minilm_resolves_to_the_packaged_directory() -> None:
 def test_other_references_pass_through(tmp_path: Path) -> None:
     assert resolve_pretrained("org/some-model", tmp_path) == "org/some-model"
     assert resolve_pretrained(str(tmp_path)) == str(tmp_path)
-    assert resolve_policy is resolve_pretrained
 
 
 def test_a_converted_copy_is_reused_without_converting(
@@ -34,7 +32,7 @@ def test_a_converted_copy_is_reused_without_converting(
     target.mkdir(parents=True)
     (target / CONVERTED_MARKER).write_text("{}")
     monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
-    assert Path(resolve_policy("smollm2-135m", tmp_path)) == target
+    assert Path(resolve_pretrained("smollm2-135m", tmp_path)) == target
 
 
 def test_a_half_written_copy_is_redone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +64,7 @@ def test_smollm2_converts_once_to_a_loadable_safetensors_copy(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(resolve_policy("smollm2-135m", tmp_path))
+    path = Path(resolve_pretrained("smollm2-135m", tmp_path))
     assert path == tmp_path / "cache" / "models" / "smollm2-135m"
     assert (path / "model.safetensors").is_file() and (path / CONVERTED_MARKER).is_file()
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
@@ -83,5 +81,5 @@ def test_smollm2_converts_once_to_a_loadable_safetensors_copy(
 
     before = (path / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted again"))
-    assert Path(resolve_policy("smollm2-135m", tmp_path)) == path
+    assert Path(resolve_pretrained("smollm2-135m", tmp_path)) == path
     assert (path / "model.safetensors").stat().st_mtime_ns == before

@@ -147,6 +147,11 @@ def test_reward_stats_and_reference_helpers(registry: Registry, tmp_path: Path) 
     assert not is_registry_reference("org/model") and not is_registry_reference("minilm")
     resolved = resolve_model("rm@v1", tmp_path)
     assert resolved.path == str(version.path) and resolved.label == "rm@v1"
-    outside = resolve_model(str(tmp_path / "some-dir"), tmp_path)
-    assert outside.version is None and outside.path == str(tmp_path / "some-dir")
-    assert resolve_model("org/hub-model", tmp_path).path == "org/hub-model"
+    assert resolved.from_registry and resolved.registry_label == "rm@v1"
+    local = tmp_path / "some-dir"
+    local.mkdir()
+    outside = resolve_model(str(local), tmp_path)
+    assert outside.path == str(local) and outside.label == "some-dir@pretrained"
+    assert not outside.from_registry and outside.registry_label is None
+    hub = resolve_model("org/hub-model", tmp_path)
+    assert hub.path == "org/hub-model" and hub.label == "org/hub-model@hub"

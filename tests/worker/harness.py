@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from training.settings import Settings
 from worker.client import JobClient
+from worker.settings import WorkerSettings as Settings
 
 REPO = Path(__file__).resolve().parents[2]
 HEARTBEAT_SECONDS = 0.3

@@ -10,10 +10,10 @@ import pytest
 
 from tests.worker.harness import write_tiny_preferences
 from training.registry import Registry
-from training.settings import Settings
 from worker.client import JobClient, SpecError
 from worker.jobs.adapt import registry_name
 from worker.kinds import KINDS
+from worker.settings import WorkerSettings as Settings
 
 
 def _write_samples(path: Path, domains: list[str], k: int = 3) -> Path:
@@ -62,6 +62,21 @@ def test_kinds_and_queues() -> None:
         "meta_train": "train", "metarm": "train", "adapt": "adapt"}
 
 
+def test_the_bundled_benchmark_is_found_from_any_working_directory(
+        client: JobClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no benchdata/ below here: found through the installed package
+    assert client.validate("meta_train", {"task": "ka"})["task"] == "ka"
+
+
+def test_renamed_metarm_keys_are_accepted_and_reported(client: JobClient, adapt_spec: dict) -> None:
+    old = {**adapt_spec, "params": {"metarm": {"pairs_path": "pairs.jsonl", "lr": 1e-4}}}
+    assert client.validate("adapt", old)["params"]["metarm"]["pairs_path"] == "pairs.jsonl"
+    said = client.deprecations("adapt", old)
+    assert any("'pairs_path' is deprecated, use 'pairs_file'" in m for m in said)
+    assert any("'lr' is deprecated, use 'learning_rate'" in m for m in said)
+    assert client.deprecations("adapt", adapt_spec) == []
+
+
 def test_registry_name_sanitises_the_domain() -> None:
     assert registry_name("policy", "Cooking & Food!") == "policy-Cooking-Food"
     assert registry_name("policy", "a/b/../c") == "policy-a-b-..-c"
@@ -72,9 +87,9 @@ def test_registry_name_sanitises_the_domain() -> None:
 def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
     spec = client.validate("adapt", adapt_spec)
     assert spec["name"] == "policy-Cooking-Food"
-    assert "rm_name" not in spec
+    assert spec["rm_name"] is None
     with_metarm = {**adapt_spec, "params": {**adapt_spec["params"],
-                                            "metarm": {"pairs_path": "pairs.jsonl", "rounds": 1}}}
+                                            "metarm": {"pairs_file": "pairs.jsonl", "rounds": 1}}}
     spec = client.validate("adapt", with_metarm)
     assert (spec["name"], spec["rm_name"]) == ("policy-Cooking-Food", "rm-Cooking-Food")
     spec = client.validate("adapt", {**adapt_spec, "prompts": None, "dataset": "prompts.jsonl"})
@@ -111,22 +126,22 @@ def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
         ({"params": {"output_dir": "/tmp/x"}}, "set by the spec"),
         ({"params": {"bench_root": "/etc"}}, "set by the spec"),
         ({"params": {"prompts": ["x"]}}, "set by the spec"),
-        ({"params": {"metarm": {"rounds": 1}}}, "params.metarm.pairs_path: required"),
-        ({"params": {"metarm": {"pairs_path": "../outside.jsonl"}}},
-         "params.metarm.pairs_path: .*outside the data directory"),
-        ({"params": {"metarm": {"pairs_path": "samples.jsonl"}}},
-         "params.metarm.pairs_path: .*lacks string field"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "rounds": 0}}}, "rounds"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "meta_lrr": 1}}}, "meta_lrr"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "samples_path": "x"}}},
-         "samples_path"),
+        ({"params": {"metarm": {"rounds": 1}}}, "params.metarm.pairs_file: required"),
+        ({"params": {"metarm": {"pairs_file": "../outside.jsonl"}}},
+         "params.metarm.pairs_file: .*outside the data directory"),
+        ({"params": {"metarm": {"pairs_file": "samples.jsonl"}}},
+         "params.metarm.pairs_file: .*lacks string field"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "rounds": 0}}}, "rounds"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "meta_lrr": 1}}}, "meta_lrr"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "samples_file": "x"}}},
+         "samples_file"),
         ({"params": {"metarm": "yes"}}, "params.metarm: must be an object"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "max_meta_prompts": "3"}}},
-         "max_meta_prompts: must be an integer"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "max_meta_prompts": 2.5}}},
-         "max_meta_prompts: must be an integer"),
-        ({"params": {"metarm": {"pairs_path": "pairs.jsonl", "rounds": "2"}}},
-         "rounds: must be an integer"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "max_meta_prompts": "3"}}},
+         "max_meta_prompts: Input should be a valid integer"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "max_meta_prompts": 2.5}}},
+         "max_meta_prompts: Input should be a valid integer"),
+        ({"params": {"metarm": {"pairs_file": "pairs.jsonl", "rounds": "2"}}},
+         "rounds: Input should be a valid integer"),
         ({"params": {"use_given_responses": True}}, "use_given_responses: inline prompts"),
         ({"prompts": None, "dataset": "prompts.jsonl", "params": {"use_given_responses": True}},
          "dataset: line 1 .*'responses' must be"),
@@ -146,7 +161,8 @@ def test_meta_train_defaults_and_task(client: JobClient, tiny_encoder_rm: Path,
     spec = client.validate("meta_train", {"samples_file": "samples.jsonl",
                                           "pairs_file": "pairs.jsonl"})
     assert spec == {"reward_model": "minilm", "policy": "smollm2-135m", "name": "rm",
-                    "params": {}, "samples_file": "samples.jsonl", "pairs_file": "pairs.jsonl"}
+                    "params": {}, "samples_file": "samples.jsonl", "pairs_file": "pairs.jsonl",
+                    "task": None}
     spec = client.validate("meta_train", {"task": "csg", "reward_model": "rm:latest",
                                           "policy": str(tiny_policy),
                                           "params": {"domains": ["art"], "outer_steps": 2}})

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from training.settings import Settings
 from worker.celery_app import RUN_JOB_TASK, make_celery, route_by_kind
 from worker.cli import parse_args
+from worker.settings import WorkerSettings as Settings
 
 
 def test_celery_settings_guard_long_jobs() -> None:

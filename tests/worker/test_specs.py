@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from tests.worker.harness import write_tiny_preferences
-from training.settings import Settings
 from worker.client import JobClient, SpecError
+from worker.settings import WorkerSettings as Settings
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 
 from tests.conftest import free_port
 from tests.worker.harness import JobHarness, wait_for
-from training.settings import Settings
 from worker.client import JobClient, JobStoreUnavailable
 from worker.reaper import reap_stale
+from worker.settings import WorkerSettings as Settings
 from worker.store import JobStore
 
 

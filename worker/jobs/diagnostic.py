@@ -20,26 +20,16 @@ from training.callbacks import TrainingCancelled
 from worker.specs import (
     JobContext,
     JobOutcome,
-    SpecError,
+    SleepStepsSpec,
+    ValidationContext,
     latest_checkpoint_step,
-    spec_with_defaults,
 )
 
-KIND = "sleep_steps"
-SPEC_KEYS = ("steps", "step_seconds", "crash_at_step")
-DEFAULTS = {"steps": 10, "step_seconds": 0.1, "crash_at_step": None}
+KIND = SleepStepsSpec.kind
 
 
-def validate(spec: Any, ctx) -> dict[str, Any]:
-    spec = spec_with_defaults(spec, KIND, DEFAULTS, SPEC_KEYS)
-    steps, seconds, crash = spec["steps"], spec["step_seconds"], spec["crash_at_step"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100_000:
-        raise SpecError(f"steps: an integer in [1, 100000], got {steps!r}")
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds <= 60:
-        raise SpecError(f"step_seconds: a number in [0, 60], got {seconds!r}")
-    if crash is not None and (isinstance(crash, bool) or not isinstance(crash, int) or crash < 1):
-        raise SpecError(f"crash_at_step: a positive integer or null, got {crash!r}")
-    return spec
+def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
+    return SleepStepsSpec.parse(raw).model_dump(exclude={"params"})
 
 
 def _save_counter(run_dir: Path, step: int) -> None:

@@ -1,5 +1,0 @@
-"""The offline multi-domain preference benchmark (tasks CSG and KA) and its builder.
-
-Build with ``python -m bench.data build`` (``make data``); read with
-``training.data.load_benchmark``. See ``bench/data/README.md`` for the datasheet.
-"""

@@ -1,0 +1,3 @@
+from bench.ood.cli import main
+
+raise SystemExit(main())

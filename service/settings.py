@@ -1,0 +1,47 @@
+"""The API's settings (env prefix ``GENERALRM_``): the worker's, plus what serving needs.
+
+Validated at start-up; ``python -m service`` and ``python -m worker`` read the same
+variables, so one environment configures the whole stack.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from worker.settings import WorkerSettings
+
+DEFAULT_MODEL = "minilm"
+
+
+class ServiceSettings(WorkerSettings):
+    """Serving and HTTP settings on top of the worker's."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Served RM: a short name (minilm), a hub id, a local directory, or "
+        "name[@version|:alias] from the registry.",
+    )
+    api_key: str | None = Field(None, description="When set, every route but /health needs it.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_tokens: int = Field(16384, ge=16, description="Padded tokens per forward pass.")
+    max_batch_size: int = Field(64, ge=1, description="Items per forward pass.")
+    max_queue: int = Field(256, ge=1, description="Requests waiting before 429.")
+    max_input_tokens: int = Field(512, ge=8, description="Tokens per scored item.")
+    max_items: int = Field(256, ge=1, description="Items per request.")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_poll_seconds: float = Field(
+        2.0, gt=0, description="How often the API checks the registry for a moved alias."
+    )
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> Self:
+        if self.max_batch_tokens < self.max_input_tokens:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_input_tokens "
+                f"({self.max_input_tokens}) or a maximal item could never be scored"
+            )
+        return self

@@ -1,0 +1,305 @@
+"""Bradley–Terry reward-model training with the Secrets of RLHF II options (DESIGN §7).
+
+``RMTrainer(RMTrainConfig.from_dict({...}), callback=cb).train()`` trains an RM on a JSONL of
+preference pairs and writes the final model (safetensors + tokenizer) to
+``output_dir/model``. Options: label smoothing, margin (none / fixed / adaptive λ·μ̂ from
+preference strength), flipping the lowest-strength pairs (a fraction, or μ̂ < 0), reward
+centering, a SimCSE term on dropout views, LoRA or full fine-tuning, gradient accumulation,
+bf16 autocast on GPU. Checkpoints every ``checkpoint_every`` steps (and on cancel); a new
+trainer with the same ``output_dir`` resumes from the latest complete one and continues
+exactly as an uninterrupted run would (data order is a function of seed and step; RNG,
+optimizer and scheduler are restored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import get_scheduler
+
+from training.atomic import replace_dir, write_json_atomic
+from training.bt.config import FlipMode, RMTrainConfig
+from training.bt.strength_file import strength_for_pairs
+from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
+from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
+from training.data import PreferencePair, load_pairs
+from training.evaluate import evaluate_pairs, score_pairs
+from training.losses import LossWeights, reward_model_loss
+from training.models import resolve_pretrained
+from training.reward_model import RewardModel, pick_device
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- data
+def lowest_strength_indices(mu: list[float], mode: FlipMode, fraction: float) -> list[int]:
+    """Indices of the pairs to flip: the ``fraction`` lowest μ̂, or every μ̂ < 0."""
+    if mode == "none":
+        return []
+    if mode == "negative":
+        return [i for i, m in enumerate(mu) if m < 0]
+    count = int(round(fraction * len(mu)))
+    return sorted(sorted(range(len(mu)), key=lambda i: (mu[i], i))[:count])
+
+
+def apply_strength(
+    pairs: list[PreferencePair], mu: list[float], config: RMTrainConfig
+) -> tuple[list[PreferencePair], list[float], list[int]]:
+    """Flip the lowest-strength pairs; returns (pairs, strength after flipping, flipped indices).
+
+    A flipped pair swaps chosen and rejected, so its strength changes sign.
+    """
+    flipped = lowest_strength_indices(mu, config.flip, config.flip_fraction)
+    pairs, mu = list(pairs), list(mu)
+    for i in flipped:
+        p = pairs[i]
+        pairs[i] = dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen)
+        mu[i] = -mu[i]
+    return pairs, mu, flipped
+
+
+# ---------------------------------------------------------------------- result
+@dataclass
+class RMTrainResult:
+    model_dir: Path  # final RM (safetensors + tokenizer), loadable with RewardModel.from_pretrained
+    metrics: dict[str, Any]  # eval_* (with eval_file), train_loss, reward_mean, reward_std, steps, ...
+    steps: int
+
+
+# ---------------------------------------------------------------------- trainer
+class RMTrainer:
+    """Trains one reward model; see the module docstring."""
+
+    def __init__(self, config: RMTrainConfig, callback: TrainerCallback | None = None) -> None:
+        self.config = config
+        self.callback = callback or NullCallback()
+        self.output_dir = Path(config.output_dir)
+        self.device = pick_device(config.device)
+        self.use_bf16 = config.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.weights = LossWeights(
+            label_smoothing=config.label_smoothing,
+            center_coef=config.center_coef,
+            simcse_weight=config.simcse_weight,
+            simcse_temperature=config.simcse_temperature,
+            simcse_representation=config.simcse_representation,
+        )
+
+    # ------------------------------------------------------------ setup
+    def _load_data(self) -> None:
+        cfg = self.config
+        pairs = load_pairs(cfg.train_file)
+        self.flipped: list[int] = []
+        self.strength: list[float] | None = None
+        if cfg.needs_strength:
+            mu = strength_for_pairs(cfg.resolved_strength_file, pairs)
+            pairs, mu, self.flipped = apply_strength(pairs, mu, cfg)
+            self.strength = mu
+        self.pairs = pairs
+        self.eval_pairs = load_pairs(cfg.eval_file) if cfg.eval_file else []
+
+    def _load_model(self) -> None:
+        cfg = self.config
+        source = resolve_pretrained(cfg.model)
+        # fp32 master weights; bf16 only through autocast.
+        self.rm = RewardModel.from_pretrained(
+            source, device=str(self.device), dtype="float32",
+            max_input_tokens=cfg.max_length, seed=cfg.seed,
+        )
+        if cfg.finetune == "lora":
+            lora = LoraConfig(
+                task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules,
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                self.rm.model = get_peft_model(self.rm.model, lora)
+        self.rm.model.train()
+        # Encode once: tokenization dominates small-model steps otherwise.
+        self.encoded = [
+            (self.rm.encode({"prompt": p.prompt, "response": p.chosen}),
+             self.rm.encode({"prompt": p.prompt, "response": p.rejected}))
+            for p in self.pairs
+        ]
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return math.ceil(len(self.pairs) / self.config.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        return max(1, math.ceil(cfg.epochs * self.micro_batches_per_epoch / cfg.grad_accum_steps))
+
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        params = [p for p in self.rm.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+        self.scheduler = get_scheduler(
+            name, self.optimizer,
+            num_warmup_steps=int(cfg.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
+
+    def micro_batch(self, index: int) -> list[int]:
+        """Pair indices of the ``index``-th micro-batch: a pure function of data seed and index.
+
+        Each epoch is its own permutation, so a resumed run sees exactly the batches the
+        uninterrupted run would have.
+        """
+        cfg = self.config
+        epoch, position = divmod(index, self.micro_batches_per_epoch)
+        seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.pairs), generator=generator).tolist()
+        return order[position * cfg.batch_size : (position + 1) * cfg.batch_size]
+
+    # ------------------------------------------------------------ one step
+    def _micro_step_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        n = len(indices)
+        ids = [self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices]
+        input_ids, mask = self.rm.pad(ids)
+        want_features = cfg.simcse_weight > 0
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            out = self.rm.forward(input_ids, mask, return_features=want_features)
+            second = self.rm.forward(input_ids, mask, return_features=True) if want_features else None
+        rewards, features = out if want_features else (out, None)
+        rewards = rewards.float()
+        margin = None
+        if cfg.margin == "fixed":
+            margin = cfg.margin_value
+        elif cfg.margin == "adaptive":
+            assert self.strength is not None
+            mu = torch.tensor([self.strength[i] for i in indices], device=rewards.device)
+            margin = cfg.margin_scale * mu
+        return reward_model_loss(
+            rewards[:n], rewards[n:], weights=self.weights, margin=margin,
+            features=(features[:n], features[n:]) if features is not None else None,
+            features_second_view=(second[1][:n], second[1][n:]) if second is not None else None,
+        )
+
+    def _optimizer_step(self, step: int) -> dict[str, float]:
+        """Optimizer step number ``step`` (1-based): accumulate its micro-batches, then update."""
+        cfg = self.config
+        totals: dict[str, float] = {}
+        first = (step - 1) * cfg.grad_accum_steps
+        for k in range(first, first + cfg.grad_accum_steps):
+            loss, parts = self._micro_step_loss(self.micro_batch(k))
+            (loss / cfg.grad_accum_steps).backward()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum_steps
+        params = [p for p in self.rm.model.parameters() if p.requires_grad]
+        if cfg.max_grad_norm:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    # ------------------------------------------------------------ the run
+    def _checkpoint(self, step: int, history: list[float]) -> Path:
+        return save_checkpoint(
+            self.output_dir, step=step, model=self.rm.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, config=self.config,
+            extra={"loss_history": history}, keep=self.config.keep_checkpoints,
+        )
+
+    def evaluate(self) -> dict[str, Any]:
+        if not self.eval_pairs:
+            return {}
+        metrics = evaluate_pairs(self.rm, self.eval_pairs, batch_size=self.config.eval_batch_size)
+        flat = {f"eval_{k}": v for k, v in metrics.items() if k != "accuracy_by_domain"}
+        # Scalars only, so that per-domain accuracy survives into registry metadata.
+        flat.update({f"eval_accuracy/{d}": v for d, v in metrics["accuracy_by_domain"].items()})
+        return flat
+
+    def train(self) -> RMTrainResult:
+        cfg = self.config
+        started = time.monotonic()
+        self._seed_everything()
+        self._load_data()
+        self._load_model()
+        self._build_optimizer()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        step, history = 0, []
+        latest = load_latest(self.output_dir)
+        if latest is not None:
+            state = restore_checkpoint(latest, model=self.rm.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler)
+            step, history = state["step"], list(state["extra"].get("loss_history", []))
+            log.info("resumed %s from step %d", self.output_dir, step)
+        total = self.total_steps
+        self.rm.model.train()
+        while step < total:
+            if self.callback.should_stop():
+                checkpoint = self._checkpoint(step, history)
+                raise TrainingCancelled(step, str(checkpoint))
+            metrics = self._optimizer_step(step + 1)
+            step += 1
+            history.append(metrics["loss"])
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                metrics.update(self._scalar(self.evaluate()))
+                self.rm.model.train()
+            self.callback.on_progress(step, total, metrics)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                self._checkpoint(step, history)
+        return self._finish(step, history, time.monotonic() - started)
+
+    def _finish(self, step: int, history: list[float], seconds: float) -> RMTrainResult:
+        self.rm.model.eval()
+        metrics: dict[str, Any] = {"steps": step, "train_pairs": len(self.pairs),
+                                   "flipped_pairs": len(self.flipped)}
+        window = history[-50:]
+        metrics["train_loss"] = sum(window) / len(window) if window else float("nan")
+        metrics.update(self.evaluate())
+        metrics.update(self._reward_stats())
+        metrics["train_seconds"] = seconds
+        model_dir = self._save_final_model()
+        if self.flipped:  # which labels this run overrode, for audits
+            write_json_atomic(self.output_dir / "flipped_pairs.json",
+                              [{"index": i, "id": self.pairs[i].id} for i in self.flipped])
+        write_json_atomic(self.output_dir / "metrics.json", metrics)
+        return RMTrainResult(model_dir=model_dir, metrics=metrics, steps=step)
+
+    def _reward_stats(self) -> dict[str, float]:
+        """Mean and std of rewards over training responses (what /score normalize divides by)."""
+        cfg = self.config
+        pairs = self.pairs
+        limit = max(1, cfg.reward_stats_max_items // 2)
+        if len(pairs) > limit:
+            pairs = random.Random(cfg.seed).sample(pairs, limit)
+        chosen, rejected = score_pairs(self.rm, pairs, batch_size=cfg.eval_batch_size)
+        rewards = torch.tensor(chosen + rejected, dtype=torch.float64)
+        return {"reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std(unbiased=False)),
+                "train_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)}
+
+    def _save_final_model(self) -> Path:
+        if self.config.finetune == "lora":
+            # a plain HF model: servable without peft
+            self.rm.model = self.rm.model.merge_and_unload()
+        return replace_dir(self.output_dir / FINAL_MODEL_DIR, self.rm.save_pretrained)
+
+    def _seed_everything(self) -> None:
+        seed = self.config.seed
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def _scalar(metrics: dict[str, Any]) -> dict[str, float]:
+        return {k: v for k, v in metrics.items() if isinstance(v, int | float)}

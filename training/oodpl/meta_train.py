@@ -1,0 +1,493 @@
+"""OOD-PL bilevel meta-training of a reward model (DESIGN §7, Jia arXiv 2402.14760).
+
+Tasks are source domains i, each with sampled data D_xy^i (prompts with responses from the
+domain's sampling distribution p_i) and preference pairs D_PL^i. One outer step k:
+
+1. pick a task i and reset the policy parameters θ to θ_0 (``carry`` keeps θ instead);
+2. inner loop, D plain-SGD steps of the KL-regularised policy optimisation fitted by
+   weighted likelihood:  θ_{t+1} = θ_t + α ∇_θ (1/n) Σ_j w_j(φ) log π_θ(ỹ_j|x̃_j),
+   w_j = softmax over the responses of one prompt of r_φ(x̃,ỹ)/β, n = prompts in the batch;
+3. outer loss ℓ_PL = −mean log σ(log π_θD(y_w|x) − log π_θD(y_l|x)) on a batch of D_PL^i,
+   g = ∇_θ ℓ_PL(θ_D);
+4. hypergradient, ``first_order``: ∇_φ ℓ_PL ≈ Σ_t Σ_j c_tj ∂w_tj/∂φ with
+   c_tj = (α/n)·⟨∇_θ log π_θt(ỹ_j|x̃_j), g⟩, i.e. the chain rule with every inner Jacobian
+   ∂θ_D/∂θ_{t+1} replaced by the identity (exact for D = 1). All c_tj of one inner batch
+   come from a single directional derivative of θ ↦ (log π_θ(ỹ_j|x̃_j))_j along g at the
+   snapshot θ_t — forward-mode AD (``torch.func.jvp``) or a central finite difference —
+   never from per-sample gradients. The surrogate Σ stopgrad(c_tj)·w_tj(φ) is then
+   back-propagated into φ. ``exact`` differentiates through the unrolled inner loop
+   (``create_graph``), for small models and tests;
+5. φ ← AdamW step on that hypergradient (optionally plus ``bt_weight`` × a direct
+   Bradley–Terry loss of r_φ on the same pairs).
+
+The RM runs in eval mode (no dropout) so that w(φ) in the inner loop and in the surrogate
+are the same function.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training.atomic import replace_dir, write_json_atomic
+from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
+from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
+from training.config import ConfigError
+from training.data import load_benchmark, load_pairs, load_samples
+from training.losses import bradley_terry_loss
+from training.models import resolve_pretrained
+from training.oodpl.config import MetaTrainConfig
+from training.oodpl.objective import group_softmax, weighted_log_likelihood
+from training.policy import Policy, lora_from_fields
+from training.registry import METADATA_FILE
+from training.reward_model import RewardModel
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------- data
+@dataclass
+class MetaTask:
+    """One source distribution: ``samples`` (D_xy: ``.prompt``, ``.responses``) and
+    ``pairs`` (D_PL: ``.prompt``, ``.chosen``, ``.rejected``) — e.g. the objects of
+    ``training.data`` or anything with those attributes."""
+
+    name: str
+    samples: Sequence[Any]
+    pairs: Sequence[Any]
+
+
+@dataclass
+class InnerBatch:
+    """Flattened (prompt, response) rows of a few prompts; ``groups`` = responses per prompt."""
+
+    prompts: list[str]
+    responses: list[str]
+    groups: list[int]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.groups)
+
+
+@dataclass
+class PairBatch:
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+
+
+def make_inner_batch(samples: Sequence[Any], k: int, rng: random.Random) -> InnerBatch:
+    """Up to ``k`` responses (drawn without replacement) of each prompt in ``samples``."""
+    prompts, responses, groups = [], [], []
+    for sample in samples:
+        pool = [r for r in sample.responses if isinstance(r, str)]
+        chosen = pool if len(pool) <= k else rng.sample(pool, k)
+        if not chosen:
+            continue
+        prompts.extend([sample.prompt] * len(chosen))
+        responses.extend(chosen)
+        groups.append(len(chosen))
+    return InnerBatch(prompts, responses, groups)
+
+
+def make_pair_batch(pairs: Sequence[Any]) -> PairBatch:
+    return PairBatch(
+        [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
+    )
+
+
+def rm_rewards(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    """Differentiable r_φ(x, y), shape (B,)."""
+    return rm.rewards([{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)])
+
+
+# ---------------------------------------------------------------------- config
+@dataclass
+class MetaTrainResult:
+    output_dir: str
+    rm_dir: str  # the meta-trained RM, loadable with RewardModel.from_pretrained
+    steps: int
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)  # for the registry (generalrm.json)
+
+
+def load_tasks(config: MetaTrainConfig) -> list[MetaTask]:
+    """Source tasks from the benchmark or from two JSONL files grouped by ``domain``."""
+    if config.task is not None:
+        bench = load_benchmark(config.task, root=config.bench_root)
+        names = config.domains or list(bench.source_domains)
+        unknown = sorted(set(names) - set(bench.source_domains))
+        if unknown:
+            raise ConfigError(f"domains: {unknown} are not source domains of {config.task!r}")
+        return [
+            MetaTask(name, bench.samples(name, config.split), bench.pairs(name, config.split))
+            for name in names
+        ]
+    if config.samples_file is None:
+        raise ConfigError("no data: set task, or samples_file and pairs_file, or pass tasks=")
+    samples, pairs = load_samples(config.samples_file), load_pairs(config.pairs_file)
+    names = config.domains or sorted({s.domain for s in samples if s.domain} & {p.domain for p in pairs if p.domain})
+    return [
+        MetaTask(
+            name,
+            [s for s in samples if s.domain == name],
+            [p for p in pairs if p.domain == name],
+        )
+        for name in names
+    ]
+
+
+# ---------------------------------------------------------------------- trainer
+class MetaTrainer:
+    """Bilevel meta-training of r_φ through a KL-regularised inner policy optimisation."""
+
+    def __init__(
+        self,
+        config: MetaTrainConfig,
+        callback: TrainerCallback | None = None,
+        *,
+        tasks: Sequence[MetaTask] | None = None,
+        reward_model: RewardModel | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        self.config = config
+        self.callback = callback or NullCallback()
+        self._tasks = list(tasks) if tasks is not None else None
+        self.rm = reward_model
+        self.policy = policy
+        self.rng = random.Random(config.seed)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Load models and data (idempotent); called by ``train``, useful in tests."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        if self._tasks is None:
+            self._tasks = load_tasks(c)
+        self._tasks = [t for t in self._tasks if t.samples and t.pairs]
+        if not self._tasks:
+            raise ConfigError("no task has both samples (D_xy) and pairs (D_PL)")
+        if self.rm is None:
+            self.rm = RewardModel.from_pretrained(
+                resolve_pretrained(c.reward_model, c.artifacts_dir),
+                device=c.device, dtype=c.dtype, max_input_tokens=c.rm_max_tokens,
+                name=c.reward_model, seed=c.seed,
+            )
+        self.rm.model.eval()
+        if self.policy is None:
+            self.policy = Policy.from_pretrained(
+                c.policy, device=c.device, dtype=c.dtype,
+                lora=lora_from_fields(c.policy_lora_r, c.policy_lora_alpha, c.policy_lora_targets),
+                max_prompt_tokens=c.max_prompt_tokens, max_response_tokens=c.max_response_tokens,
+                artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
+            )
+        self.policy.model.eval()
+        self.theta = self.policy.trainable_parameters()
+        if not self.theta:
+            raise ConfigError("policy: no trainable parameters (θ)")
+        self.theta0 = self._snapshot()
+        self.phi = [p for p in self.rm.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.phi, lr=c.outer_lr, weight_decay=c.weight_decay)
+
+    @property
+    def tasks(self) -> list[MetaTask]:
+        return list(self._tasks or [])
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.theta.items()}
+
+    @torch.no_grad()
+    def _load_theta(self, values: dict[str, torch.Tensor]) -> None:
+        for name, param in self.theta.items():
+            param.copy_(values[name])
+
+    # ------------------------------------------------------------------ pieces of a step
+    def weights(self, batch: InnerBatch) -> torch.Tensor:
+        rewards = rm_rewards(self.rm, batch.prompts, batch.responses).to(self.policy.dtype)
+        return group_softmax(rewards, batch.groups, self.config.beta)
+
+    def _inner_objective(self, batch: InnerBatch, weights: torch.Tensor, params=None) -> torch.Tensor:
+        logp = self.policy.sequence_logprobs(batch.prompts, batch.responses, params=params)
+        return weighted_log_likelihood(logp, weights, batch.num_prompts)
+
+    def pl_margins(self, pairs: PairBatch, params=None) -> torch.Tensor:
+        """A = log π(y_w|x) − log π(y_l|x) for each pair, one forward pass (per-token means
+        with ``pl_length_normalized``)."""
+        n = len(pairs.prompts)
+        encoded = self.policy.encode(pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        logp = self.policy.batch_logprobs(encoded, params)
+        if self.config.pl_length_normalized:
+            logp = logp / encoded.response_mask.sum(dim=1).clamp(min=1).to(logp.dtype)
+        return logp[:n] - logp[n:]
+
+    def _grads(self, output: torch.Tensor, params: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(output, list(params), allow_unused=True, **kw)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+    def directional_logprobs(
+        self, params: dict[str, torch.Tensor], tangent: dict[str, torch.Tensor], batch: InnerBatch
+    ) -> torch.Tensor:
+        """⟨∇_θ log π_θ(ỹ_j|x̃_j), tangent⟩ at θ = params for every row j, shape (B,)."""
+        encoded = self.policy.encode(batch.prompts, batch.responses)
+        if self.config.directional == "jvp":
+            _, out = torch.func.jvp(
+                lambda theta: self.policy.batch_logprobs(encoded, theta), (params,), (tangent,)
+            )
+            return out.detach()
+        norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in tangent.values()))
+        if norm == 0.0:
+            return torch.zeros(len(batch.prompts), dtype=self.policy.dtype, device=self.policy.device)
+        h = self.config.fd_eps / norm
+        with torch.no_grad():
+            plus = self.policy.batch_logprobs(encoded, {n: params[n] + h * tangent[n] for n in params})
+            minus = self.policy.batch_logprobs(encoded, {n: params[n] - h * tangent[n] for n in params})
+        return (plus - minus) / (2 * h)
+
+    def meta_gradient(
+        self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
+    ) -> dict[str, float]:
+        """Accumulate ∇_φ ℓ_PL into the RM's ``.grad`` (zeroed first) starting from the
+        policy's current θ; leaves θ_D in the policy. Returns scalar metrics."""
+        for p in self.phi:
+            p.grad = None
+        if self.config.hypergradient == "exact":
+            return self._exact_meta_gradient(inner_batches, pairs)
+        return self._first_order_meta_gradient(inner_batches, pairs)
+
+    def _first_order_meta_gradient(
+        self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
+    ) -> dict[str, float]:
+        alpha = self.config.inner_lr
+        names, params = list(self.theta), list(self.theta.values())
+        snapshots = []
+        for batch in inner_batches:
+            with torch.no_grad():
+                weights = self.weights(batch)
+            snapshots.append(self._snapshot())
+            grads = self._grads(self._inner_objective(batch, weights), params)
+            with torch.no_grad():
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g, alpha=alpha)
+        margins = self.pl_margins(pairs)
+        outer_loss = -F.logsigmoid(margins).mean()
+        g = dict(zip(names, self._grads(outer_loss, params), strict=True))
+        for theta_t, batch in zip(snapshots, inner_batches, strict=True):
+            coeff = alpha * self.directional_logprobs(theta_t, g, batch) / batch.num_prompts
+            surrogate = (coeff.detach() * self.weights(batch)).sum()
+            surrogate.backward()
+        return self._outer_metrics(margins, outer_loss)
+
+    def _exact_meta_gradient(
+        self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
+    ) -> dict[str, float]:
+        alpha = self.config.inner_lr
+        theta_t = {n: p.detach().clone().requires_grad_(True) for n, p in self.theta.items()}
+        for batch in inner_batches:
+            objective = self._inner_objective(batch, self.weights(batch), params=theta_t)
+            grads = self._grads(objective, list(theta_t.values()), create_graph=True)
+            theta_t = {n: v + alpha * g for (n, v), g in zip(theta_t.items(), grads, strict=True)}
+        margins = self.pl_margins(pairs, params=theta_t)
+        outer_loss = -F.logsigmoid(margins).mean()
+        phi_grads = self._grads(outer_loss, self.phi)
+        for p, g in zip(self.phi, phi_grads, strict=True):
+            p.grad = g.detach()
+        self._load_theta({n: v.detach() for n, v in theta_t.items()})
+        return self._outer_metrics(margins, outer_loss)
+
+    @staticmethod
+    def _outer_metrics(margins: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
+        return {
+            "outer_loss": float(loss.detach()),
+            "outer_pl_accuracy": float((margins.detach() > 0).float().mean()),
+        }
+
+    def _bt_loss(self, pairs: PairBatch) -> torch.Tensor:
+        n = len(pairs.prompts)
+        rewards = rm_rewards(self.rm, pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        return bradley_terry_loss(rewards[:n] - rewards[n:])
+
+    # ------------------------------------------------------------------ one outer step
+    def _pick_task(self, step: int) -> MetaTask:
+        if self.config.task_sampling == "round_robin":
+            return self._tasks[step % len(self._tasks)]
+        return self.rng.choice(self._tasks)
+
+    def draw_batches(self, task: MetaTask) -> tuple[list[InnerBatch], PairBatch]:
+        c = self.config
+        inner = []
+        for _ in range(c.inner_steps):
+            prompts = self.rng.sample(list(task.samples), min(c.inner_batch_prompts, len(task.samples)))
+            inner.append(make_inner_batch(prompts, c.responses_per_prompt, self.rng))
+        pairs = self.rng.sample(list(task.pairs), min(c.outer_batch_pairs, len(task.pairs)))
+        return inner, make_pair_batch(pairs)
+
+    def outer_step(self, step: int) -> dict[str, Any]:
+        c = self.config
+        task = self._pick_task(step)
+        inner, pairs = self.draw_batches(task)
+        self._load_theta(self.theta0)
+        metrics = self.meta_gradient(inner, pairs)
+        if c.bt_weight > 0:
+            bt = self._bt_loss(pairs)
+            (c.bt_weight * bt).backward()
+            metrics["bt_loss"] = float(bt.detach())
+        grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.phi if p.grad is not None))
+        metrics["hypergrad_norm"] = float(grad_norm)
+        if c.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.phi, c.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if c.carry:
+            self.theta0 = self._snapshot()
+        else:
+            self._load_theta(self.theta0)
+        metrics["task"] = task.name
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _rm_accuracy(self, pairs: PairBatch) -> float:
+        n = len(pairs.prompts)
+        rewards = rm_rewards(self.rm, pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        return float((rewards[:n] > rewards[n:]).float().mean())
+
+    def evaluate(self, tasks: Sequence[MetaTask] | None = None, seed: int | None = None) -> dict[str, Any]:
+        """Outer PL accuracy: run the inner loop from θ_0 with the current r_φ on fixed
+        batches of each task, then score that task's pairs with π_θD; θ is restored after.
+        Also the RM's own pairwise accuracy on those pairs."""
+        c = self.config
+        rng = random.Random(c.seed + 7919 if seed is None else seed)
+        per_task, accs, rm_accs, losses = {}, [], [], []
+        saved = self._snapshot()
+        for task in tasks if tasks is not None else self._tasks:
+            self._load_theta(self.theta0)
+            for _ in range(c.inner_steps):
+                prompts = rng.sample(list(task.samples), min(c.inner_batch_prompts, len(task.samples)))
+                batch = make_inner_batch(prompts, c.responses_per_prompt, rng)
+                with torch.no_grad():
+                    weights = self.weights(batch)
+                grads = self._grads(self._inner_objective(batch, weights), list(self.theta.values()))
+                with torch.no_grad():
+                    for p, g in zip(self.theta.values(), grads, strict=True):
+                        p.add_(g, alpha=c.inner_lr)
+            pairs = make_pair_batch(list(task.pairs)[: c.eval_pairs])
+            with torch.no_grad():
+                margins = self.pl_margins(pairs)
+            acc = float((margins > 0).float().mean())
+            loss = float(-F.logsigmoid(margins).mean())
+            rm_acc = self._rm_accuracy(pairs)
+            per_task[task.name] = {"outer_pl_accuracy": acc, "outer_loss": loss, "rm_accuracy": rm_acc}
+            accs.append(acc)
+            rm_accs.append(rm_acc)
+            losses.append(loss)
+        self._load_theta(saved)
+        return {
+            "outer_pl_accuracy": sum(accs) / len(accs),
+            "outer_loss": sum(losses) / len(losses),
+            "rm_accuracy": sum(rm_accs) / len(rm_accs),
+            "per_task": per_task,
+        }
+
+    # ------------------------------------------------------------------ run
+    def _checkpoint(self, step: int) -> Path:
+        c = self.config
+        models: dict[str, torch.nn.Module] = {"rm": self.rm.model}
+        if c.carry:  # otherwise θ_0 is the seeded initial policy, rebuilt identically
+            models["policy"] = self.policy.model
+        return save_checkpoint(
+            c.output_dir, step=step, model=models, optimizer=self.optimizer, config=c,
+            extra={"rng": self.rng.getstate(), "history": self.history}, keep=c.keep_checkpoints,
+        )
+
+    def _resume(self) -> int:
+        c = self.config
+        latest = load_latest(c.output_dir)
+        if latest is None:
+            return 0
+        models: dict[str, torch.nn.Module] = {"rm": self.rm.model}
+        if c.carry:
+            models["policy"] = self.policy.model
+        state = restore_checkpoint(latest, model=models, optimizer=self.optimizer)
+        self.rng.setstate(state["extra"]["rng"])
+        self.history = list(state["extra"].get("history", []))
+        if c.carry:
+            self.theta0 = self._snapshot()
+        log.info("resumed meta-training from %s (step %d)", latest, state["step"])
+        return int(state["step"])
+
+    def train(self) -> MetaTrainResult:
+        c = self.config
+        started = time.monotonic()
+        self.setup()
+        self.history: list[dict[str, Any]] = []
+        start = self._resume()
+        if start == 0:
+            initial = self.evaluate()
+            self.history.append({"step": 0, **{k: v for k, v in initial.items() if k != "per_task"}})
+        else:  # the step-0 evaluation came back with the checkpoint's history
+            initial = next((h for h in self.history if h["step"] == 0), None)
+        step_times = []
+        for step in range(start + 1, c.outer_steps + 1):
+            if self.callback.should_stop():
+                checkpoint = self._checkpoint(step - 1)
+                raise TrainingCancelled(step - 1, str(checkpoint))
+            tick = time.monotonic()
+            metrics = self.outer_step(step - 1)
+            step_times.append(time.monotonic() - tick)
+            if c.eval_every and step % c.eval_every == 0 and step < c.outer_steps:
+                evaluation = self.evaluate()
+                metrics.update({f"eval_{k}": v for k, v in evaluation.items() if k != "per_task"})
+            self.history.append({"step": step, **metrics})
+            self.callback.on_progress(step, c.outer_steps, metrics)
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.outer_steps:
+                self._checkpoint(step)
+        final = self.evaluate()
+        metrics = {
+            "outer_pl_accuracy": final["outer_pl_accuracy"],
+            "outer_loss": final["outer_loss"],
+            "rm_accuracy": final["rm_accuracy"],
+            "per_task": final["per_task"],
+            "steps": c.outer_steps,
+            "seconds_per_outer_step": sum(step_times) / len(step_times) if step_times else None,
+            "wall_time_s": time.monotonic() - started,
+        }
+        if initial is not None:
+            metrics["initial_outer_pl_accuracy"] = initial["outer_pl_accuracy"]
+            metrics["initial_outer_loss"] = initial["outer_loss"]
+            metrics["initial_rm_accuracy"] = initial["rm_accuracy"]
+        return self._save(metrics)
+
+    def _save(self, metrics: dict[str, Any]) -> MetaTrainResult:
+        c = self.config
+        out = Path(c.output_dir)
+        metadata = {
+            "kind": "reward_model",
+            "base_model": c.reward_model,
+            "algorithm": "ood-pl-meta-train",
+            "policy": c.policy,
+            "domains": [t.name for t in self._tasks],
+            "metrics": {k: v for k, v in metrics.items() if k != "per_task"},
+            "config": c.to_dict(),
+        }
+
+        def write(directory: Path) -> None:
+            self.rm.save_pretrained(directory)
+            write_json_atomic(directory / METADATA_FILE, metadata)
+
+        rm_dir = replace_dir(out / FINAL_MODEL_DIR, write)
+        write_json_atomic(out / "metrics.json", {"metrics": metrics, "history": self.history})
+        self._checkpoint(c.outer_steps)  # a re-run after a crash here resumes to the end
+        return MetaTrainResult(
+            output_dir=str(out), rm_dir=str(rm_dir), steps=c.outer_steps,
+            metrics=metrics, history=self.history, metadata=metadata,
+        )
