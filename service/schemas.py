@@ -3,12 +3,46 @@ module and ``service.deps``, never each other)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StringConstraints, model_validator
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 MAX_ADAPT_PROMPTS = 10_000
+# JSON can carry "\ud800" (half of a UTF-16 pair): Python keeps it in a str, and every encoder
+# (tokenizers, the filesystem) then fails on it. It is not text: refuse it at the door.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: Any, where: str = "body") -> str | None:
+    """Where in a parsed JSON body a string holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(key, where) or lone_surrogate_at(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of the top-level request models: a body is valid Unicode text throughout."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where.removeprefix('body.')} holds a lone UTF-16 surrogate (such as "
+                             "\\ud800), which is not text; send valid Unicode")
+        return data
 
 
 # ---------------------------------------------------------------------- scoring
@@ -29,13 +63,13 @@ class Conversation(BaseModel):
     messages: list[Message] = Field(min_length=1)
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(RequestBody):
     items: list[PromptResponse | Conversation] = Field(
         min_length=1, description="{prompt, response} or {messages} objects"
     )
     model: str | None = Field(None, description="name[@version|:alias]; default: the served RM")
-    normalize: bool = False
-    truncate: bool = True
+    normalize: StrictBool = False
+    truncate: StrictBool = True
 
 
 class Usage(BaseModel):
@@ -61,10 +95,10 @@ class ConversationPair(BaseModel):
     messages_b: list[Message] = Field(min_length=1)
 
 
-class PreferenceRequest(BaseModel):
+class PreferenceRequest(RequestBody):
     items: list[PromptPair | ConversationPair] = Field(min_length=1)
     model: str | None = None
-    truncate: bool = True
+    truncate: StrictBool = True
 
 
 class PreferenceResult(BaseModel):
@@ -79,7 +113,7 @@ class PreferenceResponse(BaseModel):
     usage: Usage
 
 
-class GetRewardRequest(BaseModel):
+class GetRewardRequest(RequestBody):
     """OpenRLHF's remote reward-model request."""
 
     query: list[str] = Field(description="Full texts (prompt + response) to score")
@@ -94,12 +128,12 @@ class GetRewardResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------- jobs
-class JobRequest(BaseModel):
+class JobRequest(RequestBody):
     kind: str = Field(description="train_rm | strength | meta_train | metarm | adapt")
     spec: dict[str, Any] = Field(default_factory=dict)
 
 
-class AdaptRequest(BaseModel):
+class AdaptRequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
 
     domain: NonEmpty = Field(description="Name of the new domain (recorded in the lineage)")
@@ -138,5 +172,5 @@ class JobAccepted(BaseModel):
 
 
 # ---------------------------------------------------------------------- models
-class AliasRequest(BaseModel):
+class AliasRequest(RequestBody):
     version: str | int

@@ -29,7 +29,8 @@ async def get_reward(
     check_item_count(len(body.query), settings.max_items)
     model = served_model(manager, None)
     rewards, _ = await encode_and_score(
-        engine, model, body.query, lambda queries: [model.rm.encode_text(q) for q in queries]
+        engine, model, body.query, lambda queries: [model.rm.encode_text(q) for q in queries],
+        settings.item_char_limit,
     )
     # The body keeps OpenRLHF's exact shape (its trainer tensorizes extra_logs), so the
     # version that answered is named in a header instead.
