@@ -49,6 +49,9 @@ class Metrics:
             "generalrm_model_swaps", "Served-model swaps", ["outcome"], registry=r
         )
         self.jobs = Gauge("generalrm_jobs", "Jobs by status", ["status"], registry=r)
+        self.job_processes = Gauge(
+            "generalrm_job_processes",
+            "Processes running jobs now (a job launched over N processes counts N)", registry=r)
         self.job_queue_depth = Gauge(
             "generalrm_job_queue_depth", "Job messages waiting per Celery queue", ["queue"], registry=r
         )

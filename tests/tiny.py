@@ -87,10 +87,14 @@ def decoder_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_encoder_rm(directory: Path, seed: int = 0) -> Path:
+def build_encoder_rm(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    """``dropout`` 0: training is a function of the data alone (no random masks), as a
+    comparison of runs over different numbers of processes needs."""
     tokenizer = encoder_tokenizer()
     torch.manual_seed(seed)
     config = BertConfig(
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,

@@ -10,6 +10,11 @@ Layout under a run directory (every trainer's ``output_dir``)::
 A checkpoint is written into ``step-XXXXXX.tmp`` and renamed into place once complete, the
 manifest written last; a crash mid-write leaves a ``.tmp`` directory that is ignored and
 removed. Resume = :func:`load_latest`, which only ever returns complete checkpoints.
+
+A checkpoint holds full tensors, never shards, and the optimizer state in
+``optimizer.state_dict()``'s form (keyed by parameter index): a run over several processes
+(``training.distributed``) gathers both onto rank 0 and passes them as ``model_state`` and
+``optimizer_state``, so its checkpoints load on any number of processes.
 """
 
 from __future__ import annotations
@@ -59,32 +64,48 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def checkpoint_path(run_dir: Path | str, step: int) -> Path:
+    """Where the checkpoint of ``step`` is (complete once its manifest is there)."""
+    return Path(run_dir) / "checkpoints" / f"step-{step:09d}"
+
+
 def save_checkpoint(
     run_dir: Path | str,
     *,
     step: int,
-    model: torch.nn.Module | dict[str, torch.nn.Module],
+    model: torch.nn.Module | dict[str, torch.nn.Module] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     config: Any = None,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    model_state: dict[str, dict[str, torch.Tensor]] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically and return its directory."""
-    root = Path(run_dir) / "checkpoints"
+    """Write a complete checkpoint atomically and return its directory.
+
+    ``model_state`` ({model name: trainable tensors}) and ``optimizer_state`` stand in for
+    ``model`` and ``optimizer`` when the caller gathered them from several processes.
+    """
+    final = checkpoint_path(run_dir, step)
+    root, name = final.parent, final.name
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:09d}"
     tmp = root / f"{name}.tmp"
-    final = root / name
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    models = model if isinstance(model, dict) else {"model": model}
-    for key, module in models.items():
-        save_file(trainable_state(module), str(tmp / f"{key}.safetensors"))
+    if model_state is None:
+        if model is None:
+            raise ValueError("save_checkpoint needs a model or its model_state")
+        models = model if isinstance(model, dict) else {"model": model}
+        model_state = {key: trainable_state(module) for key, module in models.items()}
+    for key, tensors in model_state.items():
+        save_file(tensors, str(tmp / f"{key}.safetensors"))
+    if optimizer_state is None and optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     torch.save(
         {
             "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_state(),
             "extra": extra or {},
@@ -95,7 +116,7 @@ def save_checkpoint(
         write_json_atomic(tmp / "config.json", config.to_dict() if hasattr(config, "to_dict") else config)
     write_json_atomic(
         tmp / MANIFEST,
-        {"step": step, "models": sorted(models), "created_at": time.time()},
+        {"step": step, "models": sorted(model_state), "created_at": time.time()},
     )
     if final.exists():  # a re-run of the same step after a crash: replace it whole
         shutil.rmtree(final)
@@ -138,7 +159,9 @@ def restore_checkpoint(
     scheduler: Any | None = None,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load a checkpoint into live objects; returns ``{"step", "extra"}``."""
+    """Load a checkpoint into live objects; returns ``{"step", "extra"}``, and with
+    ``optimizer=None`` the saved optimizer state as ``"optimizer_state"`` (to load once the
+    optimizer exists, e.g. after a distributed wrapper was built around it)."""
     checkpoint = Path(checkpoint)
     models = model if isinstance(model, dict) else {"model": model}
     for key, module in models.items():
@@ -154,4 +177,7 @@ def restore_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    return {"step": state["step"], "extra": state["extra"]}
+    restored = {"step": state["step"], "extra": state["extra"]}
+    if optimizer is None:
+        restored["optimizer_state"] = state["optimizer"]
+    return restored

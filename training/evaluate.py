@@ -10,21 +10,28 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training.data import as_pair
 from training.reward_model import RewardModel
 
+if TYPE_CHECKING:
+    from training.distributed import Processes
+
 
 def score_pairs(
-    rm: RewardModel, pairs: Sequence[Any], *, batch_size: int = 32
+    rm: RewardModel, pairs: Sequence[Any], *, batch_size: int = 32,
+    processes: Processes | None = None,
 ) -> tuple[list[float], list[float]]:
     """Rewards of the chosen and of the rejected response of every pair, in order.
 
     Pairs are :class:`~training.data.PreferencePair` objects or mappings with the same
     fields. The model is scored in eval mode (no dropout) and left in the mode it was in.
+    With ``processes`` spanning several ranks (every rank calls this), each rank scores its
+    share and every rank gets all the scores; every rank runs the same number of forward
+    passes, since under FSDP a forward pass is itself a collective.
     """
     pairs = [as_pair(p) for p in pairs]
     was_training = rm.model.training
@@ -34,11 +41,21 @@ def score_pairs(
         # Sorting by length keeps padding (and so CPU time) low; scores don't depend on batching.
         encoded = rm.encode_many(items)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        ranks = processes.world_size if processes is not None else 1
+        mine = processes.shard(order) if processes is not None else order
+        batches = math.ceil(math.ceil(len(order) / ranks) / batch_size)
+        scored: list[tuple[int, float]] = []
+        for b in range(batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            if not chunk:  # this rank's share ran out: it still joins the others' forward pass
+                rm.score_ids([encoded[order[0]]])
+                continue
+            scored.extend(zip(chunk, rm.score_ids([encoded[i] for i in chunk]), strict=True))
+        if ranks > 1:
+            scored = [entry for share in processes.gather(scored) for entry in share]
         scores = [0.0] * len(encoded)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for index, value in zip(chunk, rm.score_ids([encoded[i] for i in chunk]), strict=True):
-                scores[index] = value
+        for index, value in scored:
+            scores[index] = value
     finally:
         rm.model.train(was_training)
     return scores[: len(pairs)], scores[len(pairs) :]
@@ -94,15 +111,17 @@ def summarize_deltas(
 
 
 def evaluate_pairs(
-    rm: RewardModel, pairs: Sequence[Any], batch_size: int = 32, *, n_bins: int = 10
+    rm: RewardModel, pairs: Sequence[Any], batch_size: int = 32, *, n_bins: int = 10,
+    processes: Processes | None = None,
 ) -> dict[str, Any]:
     """Accuracy (overall, per domain), ECE of σ(Δ), mean and variance of Δ on ``pairs``.
 
     Returns ``{"n_pairs", "accuracy", "accuracy_by_domain", "ece", "reward_diff_mean",
-    "reward_diff_var"}``; a tie (Δ = 0) counts as wrong.
+    "reward_diff_var"}``; a tie (Δ = 0) counts as wrong. ``processes``: as in
+    :func:`score_pairs` (every rank gets the metrics).
     """
     pairs = [as_pair(p) for p in pairs]
-    chosen, rejected = score_pairs(rm, pairs, batch_size=batch_size)
+    chosen, rejected = score_pairs(rm, pairs, batch_size=batch_size, processes=processes)
     deltas = [c - r for c, r in zip(chosen, rejected, strict=True)]
     if any(math.isnan(d) for d in deltas):
         raise ValueError("the reward model produced NaN rewards")

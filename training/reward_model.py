@@ -206,8 +206,11 @@ class RewardModel:
         return cls(model, tokenizer, name=name or source, max_input_tokens=max_input_tokens,
                    reward_index=index)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        self.model.save_pretrained(str(directory), safe_serialization=True)
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Weights (safetensors) and tokenizer; ``state_dict``: the full weights when the
+        model itself holds only a shard of them (FSDP)."""
+        self.model.save_pretrained(str(directory), safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(str(directory))
 
     def _model_max_positions(self) -> int:
@@ -313,16 +316,18 @@ class RewardModel:
         inputs: Mapping[str, torch.Tensor],
         *,
         return_features: bool = False,
+        module: torch.nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rewards of shape (B,), differentiable; optionally the pooled features (B, H).
 
         ``inputs`` come from :meth:`pad`. The features are the hidden state the head reads:
-        the last attended token for decoders, the first token for encoders.
+        the last attended token for decoders, the first token for encoders. ``module``: what
+        to run instead of ``self.model`` — a distributed wrapper of it (DDP) in training.
         """
         last = inputs["attention_mask"].sum(dim=1) - 1
         rows = torch.arange(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
         with self._capture_score_logits() as captured:
-            out = self.model(**inputs, output_hidden_states=return_features)
+            out = (module or self.model)(**inputs, output_hidden_states=return_features)
         k = self.reward_index
         rewards = captured["logits"][rows, last, k] if self.is_decoder else out.logits[:, k]
         if not return_features:

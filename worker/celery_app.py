@@ -1,4 +1,5 @@
-"""The Celery application: Redis broker and backend, queues ``train`` and ``adapt`` (DESIGN §5).
+"""The Celery application: Redis broker and backend, queues ``train`` and ``adapt`` (DESIGN §5),
+and ``multi`` for jobs that run over several processes (one worker's GPUs).
 
 Importing this module must stay cheap and torch-free: the worker's parent process imports it
 and only forks children (one job each, ``worker_max_tasks_per_child=1``) that import torch
@@ -13,7 +14,8 @@ from kombu import Exchange, Queue
 from worker.settings import WorkerSettings
 
 RUN_JOB_TASK = "generalrm.run_job"
-QUEUES = ("train", "adapt")
+MULTI_QUEUE = "multi"  # jobs with resources.processes > 1: for workers that see enough GPUs
+QUEUES = ("train", "adapt", MULTI_QUEUE)
 
 
 def route_by_kind(name, args, kwargs, options, task=None, **kw):

@@ -22,11 +22,12 @@ from urllib.parse import urlsplit
 import redis
 from kombu.exceptions import OperationalError
 
-from worker.kinds import available_kinds, get_kind
+from worker.celery_app import QUEUES
+from worker.kinds import available_kinds, get_kind, queue_for
 from worker.reaper import reap_stale
 from worker.settings import WorkerSettings
-from worker.specs import SpecError, ValidationContext
-from worker.store import STATUSES, JobStore, new_job_id
+from worker.specs import SpecError, ValidationContext, job_processes
+from worker.store import STATUSES, JobGauges, JobStore, new_job_id
 
 __all__ = ["JobClient", "JobStoreUnavailable", "SpecError"]
 
@@ -93,9 +94,10 @@ class JobClient:
     def submit(self, kind: str, spec: Any) -> dict[str, Any]:
         """Validate, record (status ``queued``) and enqueue a job; returns its record."""
         normalized = self.validate(kind, spec)
-        queue = get_kind(kind, diagnostics=True).queue
+        queue = queue_for(get_kind(kind, diagnostics=True), normalized)
         job_id = new_job_id()
-        record = self.store.create(job_id, kind, queue, normalized, self.settings.job_max_attempts)
+        record = self.store.create(job_id, kind, queue, normalized, self.settings.job_max_attempts,
+                                   processes=job_processes(normalized))
         try:
             from worker.dispatch import enqueue
 
@@ -155,13 +157,18 @@ class JobClient:
 
     @_unavailable_as_503
     def counts(self) -> dict[str, int]:
-        """Jobs per status, for ``/metrics``."""
+        """Jobs per status."""
         return self.store.counts()
+
+    @_unavailable_as_503
+    def gauges(self) -> JobGauges:
+        """Jobs per status and the processes running jobs, for ``/metrics`` (one hash read)."""
+        return self.store.gauges()
 
     @_unavailable_as_503
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per Celery queue, for ``/metrics``."""
-        return {queue: int(self.store.redis.llen(queue)) for queue in ("train", "adapt")}
+        return {queue: int(self.store.redis.llen(queue)) for queue in QUEUES}
 
     @_unavailable_as_503
     def ping(self) -> bool:

@@ -4,6 +4,10 @@ Runs inside the Celery child process (one job per process). Whatever the broker 
 the first message, a duplicate, a message redelivered after its visibility timeout, or a
 re-enqueue by the reaper — the atomic claim in the job store decides: only a job that is
 not finished and not held by a live worker runs, and it resumes from its checkpoints.
+
+A job launched over several processes (``resources.processes``) that loses one of them — a
+rank killed, out of memory, or a process group broken — is handled as a dead worker would be:
+back to the queue, the attempt spent, resumed from the last checkpoint; failed at the cap.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from training.callbacks import TrainingCancelled
+from training.launch import RanksLost
 from training.registry import Registry
 from worker.kinds import get_kind
 from worker.progress import Heartbeat, JobCallback, LeaseLost
@@ -38,8 +43,9 @@ def execute_job(
 ) -> str:
     """Run job ``job_id`` if this worker may; returns what happened (for logs and tests):
     succeeded, failed, cancelled, released (worker shutting down: checkpointed and handed
-    back to the queue through ``requeue(job_id, kind, queue)``), owned (a live worker has
-    it), finished (already final), exhausted (attempt cap), missing or lease_lost."""
+    back to the queue through ``requeue(job_id, kind, queue)``), requeued (a launch lost a
+    process: handed back, the attempt spent), owned (a live worker has it), finished (already
+    final), exhausted (attempt cap), missing or lease_lost."""
     settings = settings or WorkerSettings()
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     store = JobStore.from_url(settings.redis_url, settings.job_retention_seconds)
@@ -58,9 +64,15 @@ def execute_job(
     run_dir.mkdir(parents=True, exist_ok=True)
     resumed_from = latest_checkpoint_step(run_dir)
     started = {"attempt": claim.attempt, "worker": worker_name, "started_at": record_time(),
-               "resumed_from_step": resumed_from}
-    store.update_if_owner(job_id, token, attempts=[*record.get("attempts", []), started],
+               "resumed_from_step": resumed_from, "processes": int(record.get("processes") or 1)}
+    attempts = [*record.get("attempts", []), started]
+    store.update_if_owner(job_id, token, attempts=attempts,
                           progress={**record.get("progress", {}), "resumed_from_step": resumed_from})
+
+    def note_attempt(**fields) -> None:
+        """Add to this attempt's entry in the record (the ranks it ran on, how it ended)."""
+        started.update(fields)
+        store.update_if_owner(job_id, token, attempts=attempts)
     log.info("job %s (%s): attempt %d, resuming from step %d", job_id, record["kind"],
              claim.attempt, resumed_from)
 
@@ -80,6 +92,7 @@ def execute_job(
                 callback=callback, attempt=claim.attempt,
                 registry=Registry.from_artifacts(settings.artifacts_dir), check_owner=check_owner,
                 stop_requested=lambda: callback.should_stop(fresh=True),
+                record_ranks=lambda ranks: note_attempt(ranks=ranks),
             ))
         except TrainingCancelled as exc:
             if callback.lease_lost:
@@ -96,6 +109,20 @@ def execute_job(
             return "cancelled"
         except LeaseLost:
             return "lease_lost"
+        except RanksLost as exc:
+            if callback.lease_lost:
+                return "lease_lost"
+            log.error("job %s: attempt %d lost a process: %s", job_id, claim.attempt, exc)
+            note_attempt(lost=str(exc))
+            if claim.attempt >= max_attempts:
+                store.finish_if_owner(job_id, token, "failed", error={
+                    "type": "RanksLost",
+                    "message": f"{exc}, on attempt {claim.attempt} of {max_attempts}; giving up. "
+                    "Its checkpoints are kept under artifacts/jobs/<id>/."})
+                return "failed"
+            if store.release_if_owner(job_id, token, count_attempt=True) and requeue is not None:
+                requeue(job_id, record["kind"], record.get("queue") or "train")
+            return "requeued"
         except Exception as exc:
             log.exception("job %s failed", job_id)
             if callback.lease_lost:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from training.metarm.config import MetaRMConfig
+from worker.celery_app import MULTI_QUEUE
 from worker.jobs import adapt, diagnostic, meta_train, metarm, strength, train_rm
-from worker.specs import JobContext, JobOutcome, ValidationContext
+from worker.specs import JobContext, JobOutcome, ValidationContext, job_processes
 
 
 def _no_deprecations(_spec: Any) -> list[str]:
@@ -86,3 +87,9 @@ def get_kind(name: Any, diagnostics: bool = False) -> JobKind:
     if not isinstance(name, str) or name not in kinds:
         raise KeyError(f"unknown job kind {name!r}; known kinds: {sorted(kinds)}")
     return kinds[name]
+
+
+def queue_for(kind: JobKind, spec: dict[str, Any]) -> str:
+    """The queue of a validated job: its kind's, or ``multi`` when it runs over several
+    processes (workers that see that many GPUs consume it)."""
+    return MULTI_QUEUE if job_processes(spec) > 1 else kind.queue

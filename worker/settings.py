@@ -41,6 +41,12 @@ class WorkerSettings(BaseSettings):
         "its last change is sent again (a message lost in a Redis crash).")
     job_retention_seconds: int = Field(
         7 * 24 * 3600, ge=60, description="Finished job records expire this long after they end.")
+    job_max_processes: int = Field(
+        8, ge=1, le=1024, description="Most processes one job may ask for (resources.processes): "
+        "a job runs all of them on the worker that claims it, one per GPU (or CPU processes).")
+    job_collective_timeout_seconds: float = Field(
+        1800.0, gt=0, le=7 * 24 * 3600, description="A multi-process job's collective waits "
+        "this long for a peer before it fails (the job is then retried like a dead worker's).")
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Directories (besides the artifacts and data "
         "directories) that jobs may load local models from; comma-separated in the environment.")

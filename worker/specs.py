@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -85,6 +85,26 @@ def _describe(cls: type[JobSpec], exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+MAX_JOB_PROCESSES = 1024  # the spec's own bound; a deployment's is GENERALRM_JOB_MAX_PROCESSES
+
+
+class Resources(BaseModel):
+    """What a job runs on: ``processes`` on the worker that claims it (one per GPU, or CPU
+    processes over gloo), synchronised by ``strategy`` (``ddp``: a replica per process; ``fsdp``:
+    the model sharded over the processes, GPUs only)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    processes: int = Field(1, ge=1, le=MAX_JOB_PROCESSES,
+                           description="processes of the job (1: in the job's own process)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp or fsdp (GPUs only)")
+
+
+def job_processes(spec: Mapping[str, Any]) -> int:
+    """How many processes a validated spec runs on (1 for kinds without ``resources``)."""
+    resources = spec.get("resources") or {}
+    return int(resources.get("processes", 1))
+
+
 class TrainRMSpec(JobSpec):
     """``train_rm``: Bradley–Terry RM training, published as a new registry version."""
 
@@ -93,6 +113,7 @@ class TrainRMSpec(JobSpec):
     eval_file: DataPath | None = Field(None, description="held-out pairs JSONL")
     model: ModelRef = Field("minilm", description="backbone or RM to start from")
     name: RegistryName = Field("rm", description="registry model to publish to")
+    resources: Resources = Field(default_factory=Resources, description="processes and strategy")
 
 
 class StrengthSpec(JobSpec):
@@ -103,6 +124,8 @@ class StrengthSpec(JobSpec):
     output_file: DataPath | None = Field(None, description="where to write the strength JSONL "
                                          "(a new file in the data directory)")
     model: ModelRef = Field("minilm", description="ensemble backbone")
+    resources: Resources = Field(default_factory=Resources, description="processes and strategy "
+                                 "(ddp: each member trains over all of them)")
 
 
 class MetaTrainSpec(JobSpec):
@@ -187,6 +210,7 @@ class JobContext:
     registry: Registry
     check_owner: Any = None  # () -> None; raises LeaseLost when another worker took the job
     stop_requested: Any = None  # () -> bool, read from the store now (not a cached value)
+    record_ranks: Any = None  # ([{"rank", "host", "pid", ...}]) -> None: into this attempt
 
     def ensure_owner(self) -> None:
         """Call before anything visible outside the run dir (publishing a version)."""

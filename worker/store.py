@@ -7,7 +7,9 @@ Keys (prefix ``generalrm:``)::
     job:{id}:lease    the token of the one worker running the job; expires unless heartbeats renew it
     jobs              sorted set of job ids by creation time (listing; pruned past the retention)
     jobs:active       set of ids not yet in a final state (what the reaper looks at)
-    jobs:counts       hash: jobs per status, moved by every transition (what /metrics reads)
+    jobs:counts       hash: jobs per status, moved by every transition, and ``processes``: the
+                      processes of the running jobs (a job's ``processes`` field, 1 unless it
+                      was launched over several); what /metrics reads
 
 A finished record expires ``retention_seconds`` after it ends (GENERALRM_JOB_RETENTION_SECONDS).
 
@@ -35,19 +37,26 @@ STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 CANCEL_KEY_TTL_SECONDS = 30 * 24 * 3600
 FIELDS = (
-    "id", "kind", "queue", "spec", "status", "attempt", "max_attempts", "heartbeat", "worker",
+    "id", "kind", "queue", "spec", "processes", "status", "attempt", "max_attempts", "heartbeat",
+    "worker",
     "progress", "metrics", "artifacts", "error", "attempts", "cancel_requested",
     "created_at", "updated_at", "finished_at",
 )
 
 # Every script that changes a status moves the per-status counters with it (COUNTS: a hash),
-# so /metrics reads one hash instead of every record; a record that reaches a final status
-# expires after the retention period (job_retention_seconds), with its cancel key.
+# and the count of running processes when a job starts or stops running, so /metrics reads one
+# hash instead of every record; a record that reaches a final status expires after the
+# retention period (job_retention_seconds), with its cancel key.
 _PRELUDE = """
-local function move(counts, from, to)
+local function move(counts, from, to, record)
   if from == to then return end
   if from then redis.call('HINCRBY', counts, from, -1) end
   redis.call('HINCRBY', counts, to, 1)
+  if from == 'running' or to == 'running' then
+    local n = tonumber(redis.call('HGET', record, 'processes') or '1') or 1
+    if to == 'running' then redis.call('HINCRBY', counts, 'processes', n)
+    else redis.call('HINCRBY', counts, 'processes', -n) end
+  end
 end
 local function expire_finished(record, cancel, ttl)
   redis.call('EXPIRE', record, ttl)
@@ -67,7 +76,7 @@ end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[3], 'finished_at', ARGV[3])
   redis.call('SREM', KEYS[4], ARGV[6])
-  move(KEYS[5], status, 'cancelled')
+  move(KEYS[5], status, 'cancelled', KEYS[1])
   expire_finished(KEYS[1], KEYS[3], ARGV[8])
   return {'cancelled'}
 end
@@ -78,13 +87,13 @@ if attempt > tonumber(ARGV[4]) then
     'finished_at', ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[6])
-  move(KEYS[5], status, 'failed')
+  move(KEYS[5], status, 'failed', KEYS[1])
   expire_finished(KEYS[1], KEYS[3], ARGV[8])
   return {'exhausted', tostring(attempt - 1)}
 end
 redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'status', '"running"',
   'heartbeat', ARGV[3], 'worker', ARGV[5], 'updated_at', ARGV[3])
-move(KEYS[5], status, 'running')
+move(KEYS[5], status, 'running', KEYS[1])
 return {'claimed', tostring(attempt)}
 """
 
@@ -107,7 +116,7 @@ if ARGV[3] == 'succeeded' and redis.call('EXISTS', KEYS[4]) == 1 then
 end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[2])
-move(KEYS[5], previous, ARGV[3])
+move(KEYS[5], previous, ARGV[3], KEYS[1])
 expire_finished(KEYS[1], KEYS[4], ARGV[4])
 return 1
 """
@@ -134,7 +143,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[1], 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
-  move(KEYS[5], status, 'cancelled')
+  move(KEYS[5], status, 'cancelled', KEYS[1])
   expire_finished(KEYS[1], KEYS[3], ARGV[5])
   return 'cancelled'
 end
@@ -143,23 +152,25 @@ if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[4], 'updated_at', ARGV[1],
     'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
-  move(KEYS[5], status, 'failed')
+  move(KEYS[5], status, 'failed', KEYS[1])
   expire_finished(KEYS[1], KEYS[3], ARGV[5])
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', '"queued"', 'updated_at', ARGV[1])
-move(KEYS[5], status, 'queued')
+move(KEYS[5], status, 'queued', KEYS[1])
 return 'requeued'
 """
 
-# KEYS: record, lease, counts   ARGV: token, now
+# KEYS: record, lease, counts   ARGV: token, now, refund ('1': this attempt does not count)
 _RELEASE_IF_OWNER = _PRELUDE + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1')
-redis.call('HSET', KEYS[1], 'status', '"queued"', 'attempt', tostring(math.max(attempt - 1, 0)),
-  'updated_at', ARGV[2])
+if ARGV[3] == '1' then
+  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1')
+  redis.call('HSET', KEYS[1], 'attempt', tostring(math.max(attempt - 1, 0)))
+end
+redis.call('HSET', KEYS[1], 'status', '"queued"', 'updated_at', ARGV[2])
 redis.call('DEL', KEYS[2])
-move(KEYS[3], 'running', 'queued')
+move(KEYS[3], 'running', 'queued', KEYS[1])
 return 1
 """
 
@@ -176,7 +187,7 @@ redis.call('HSET', KEYS[1], 'cancel_requested', 'true', 'updated_at', ARGV[1])
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[3], ARGV[2])
-  move(KEYS[4], status, 'cancelled')
+  move(KEYS[4], status, 'cancelled', KEYS[1])
   expire_finished(KEYS[1], KEYS[2], ARGV[4])
   return 'cancelled'
 end
@@ -232,6 +243,15 @@ def _decode(raw: dict[bytes | str, bytes | str]) -> dict[str, Any]:
         key = key.decode() if isinstance(key, bytes) else key
         record[key] = json.loads(value)
     return record
+
+
+@dataclass(frozen=True)
+class JobGauges:
+    """What ``/metrics`` shows of the jobs, from one hash read: jobs per status (queued and
+    running now; the final statuses ever) and the processes the running jobs run on."""
+
+    counts: dict[str, int]
+    processes: int
 
 
 @dataclass(frozen=True)
@@ -317,15 +337,18 @@ class JobStore:
             start += chunk
         return found[:limit]
 
-    def counts(self) -> dict[str, int]:
-        """Jobs per status (for ``/metrics``): one hash read, kept by the transitions. Queued
-        and running are the jobs now in that state; the final statuses count every job that
-        ended so, including records expired since."""
+    def gauges(self) -> JobGauges:
+        """Jobs per status and running processes (for ``/metrics``): one hash read, kept by the
+        transitions. Queued and running are the jobs now in that state; the final statuses
+        count every job that ended so, including records expired since."""
         raw = self.redis.hgetall(self.COUNTS_KEY)
-        counts = dict.fromkeys(STATUSES, 0)
-        for key, value in raw.items():
-            counts[key.decode() if isinstance(key, bytes) else key] = int(value)
-        return counts
+        values = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+        return JobGauges(counts={status: values.get(status, 0) for status in STATUSES},
+                         processes=values.get("processes", 0))
+
+    def counts(self) -> dict[str, int]:
+        """Jobs per status (see :meth:`gauges`)."""
+        return self.gauges().counts
 
     def prune_index(self) -> int:
         """Drop listing entries of records that have expired (older than the retention)."""
@@ -357,11 +380,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ transitions
     def create(
-        self, job_id: str, kind: str, queue: str, spec: dict[str, Any], max_attempts: int
+        self, job_id: str, kind: str, queue: str, spec: dict[str, Any], max_attempts: int,
+        processes: int = 1,
     ) -> dict[str, Any]:
         created = record_time()
         record = {
-            "id": job_id, "kind": kind, "queue": queue, "spec": spec, "status": "queued",
+            "id": job_id, "kind": kind, "queue": queue, "spec": spec, "processes": processes,
+            "status": "queued",
             "attempt": 0, "max_attempts": max_attempts, "heartbeat": None, "worker": None,
             "progress": {}, "metrics": {}, "artifacts": {}, "error": None, "attempts": [],
             "cancel_requested": False, "created_at": created, "updated_at": created,
@@ -438,11 +463,13 @@ class JobStore:
             )
         )
 
-    def release_if_owner(self, job_id: str, token: str) -> bool:
-        """Hand a stopped (checkpointed) job back: status queued, this attempt not counted."""
+    def release_if_owner(self, job_id: str, token: str, *, count_attempt: bool = False) -> bool:
+        """Hand a job back to the queue: status queued. A stopped (checkpointed) job's attempt
+        is not counted; with ``count_attempt`` it is (a launch that lost a rank: like a dead
+        worker, it spends an attempt)."""
         return bool(self._release_if_owner(
             keys=[self.record_key(job_id), self.lease_key(job_id), self.COUNTS_KEY],
-            args=[token, json.dumps(record_time())],
+            args=[token, json.dumps(record_time()), "0" if count_attempt else "1"],
         ))
 
     def renew(self, job_id: str, token: str, lease_seconds: float) -> bool:

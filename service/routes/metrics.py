@@ -14,12 +14,13 @@ router = APIRouter()
 
 def _job_gauges(registry, jobs) -> None:
     try:
-        counts = jobs.counts()
+        gauges = jobs.gauges()
         depths = jobs.queue_depths()
     except JobStoreUnavailable:
         return  # scoring metrics stay available while Redis is down
-    for status, count in counts.items():
+    for status, count in gauges.counts.items():
         registry.jobs.labels(status).set(count)
+    registry.job_processes.set(gauges.processes)
     for queue, depth in depths.items():
         registry.job_queue_depth.labels(queue).set(depth)
 

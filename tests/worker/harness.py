@@ -28,6 +28,7 @@ HEARTBEAT_SECONDS = 0.3
 STALE_SECONDS = 2.0
 RESEND_SECONDS = 1.0
 MAX_ATTEMPTS = 3
+COLLECTIVE_TIMEOUT_SECONDS = 60.0
 
 
 class WorkerProcess:
@@ -113,6 +114,8 @@ class JobHarness:
             "GENERALRM_VISIBILITY_TIMEOUT_SECONDS": "3600",
             "GENERALRM_ENABLE_DIAGNOSTIC_JOBS": "1",
             "GENERALRM_DEVICE": "cpu",
+            # a lost peer fails a multi-process job's collectives within this
+            "GENERALRM_JOB_COLLECTIVE_TIMEOUT_SECONDS": str(COLLECTIVE_TIMEOUT_SECONDS),
         }
         redis.Redis.from_url(redis_url).flushdb()
         self.settings = Settings(
@@ -121,6 +124,7 @@ class JobHarness:
             job_max_attempts=MAX_ATTEMPTS, visibility_timeout_seconds=3600,
             job_resend_seconds=RESEND_SECONDS,
             enable_diagnostic_jobs=True, device="cpu",
+            job_collective_timeout_seconds=COLLECTIVE_TIMEOUT_SECONDS,
         )
         self.client = JobClient(self.settings)
         self.workers: list[WorkerProcess] = []

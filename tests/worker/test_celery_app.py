@@ -20,8 +20,8 @@ def test_celery_settings_guard_long_jobs() -> None:
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_max_tasks_per_child == 1
     assert conf.broker_transport_options["visibility_timeout"] == 86400
     queues = {q.name: q for q in conf.task_queues}
-    assert set(queues) == {"train", "adapt"}
-    assert {q.routing_key for q in queues.values()} == {"train", "adapt"}, "one queue per key"
+    assert set(queues) == {"train", "adapt", "multi"}
+    assert {q.routing_key for q in queues.values()} == {"train", "adapt", "multi"}, "one queue per key"
 
 
 def test_messages_are_routed_by_job_kind() -> None:
@@ -32,7 +32,7 @@ def test_messages_are_routed_by_job_kind() -> None:
 def test_worker_command_line() -> None:
     args = parse_args(["-Q", "adapt", "-c", "2"])
     assert (args.queues, args.concurrency) == ("adapt", 2)
-    assert parse_args([]).queues == "train,adapt"
+    assert parse_args([]).queues == "train,adapt,multi"
     with pytest.raises(SystemExit):
         parse_args(["--queues", "gpu"])
 

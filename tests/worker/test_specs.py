@@ -37,7 +37,7 @@ def _spec(tiny_encoder_rm: Path, **changes) -> dict:
 def test_a_good_spec_gets_its_defaults(client: JobClient, tiny_encoder_rm: Path) -> None:
     spec = client.validate("train_rm", {"train_file": "train.jsonl"})
     assert spec == {"train_file": "train.jsonl", "eval_file": None, "model": "minilm",
-                    "name": "rm", "params": {}}
+                    "name": "rm", "params": {}, "resources": {"processes": 1, "strategy": "ddp"}}
     assert client.validate("train_rm", _spec(tiny_encoder_rm))["eval_file"] == "sub/eval.jsonl"
 
 
@@ -64,6 +64,22 @@ def test_a_good_spec_gets_its_defaults(client: JobClient, tiny_encoder_rm: Path)
         ("train_rm", {"name": "../../etc"}, "name"),
         ("train_rm", {"model": "rm@v7"}, "model"),
         ("train_rm", {"model": "/no/such/model/dir"}, "not a directory"),
+        ("train_rm", {"resources": {"processes": 0}}, "resources.processes"),
+        ("train_rm", {"resources": {"processes": "2"}}, "resources.processes"),
+        ("train_rm", {"resources": {"processes": 2, "gpus": 2}}, "resources.gpus"),
+        ("train_rm", {"resources": {"processes": 9}}, "GENERALRM_JOB_MAX_PROCESSES=8"),
+        ("train_rm", {"resources": {"processes": 2, "strategy": "zero3"}}, "resources.strategy"),
+        ("train_rm", {"resources": {"processes": 2, "strategy": "fsdp"},
+                      "params": {"device": "cpu"}}, "fsdp needs GPUs"),
+        ("train_rm", {"resources": {"processes": 2, "strategy": "fsdp"},
+                      "params": {"finetune": "lora"}}, "use strategy ddp with finetune lora"),
+        ("train_rm", {"resources": {"processes": 2}, "params": {"simcse_weight": 0.1}},
+         "SimCSE in one process"),
+        ("train_rm", {"resources": {"processes": 4}, "params": {"batch_size": 2}},
+         "batch_size of at least the number of processes"),
+        ("strength", {"resources": {"processes": 2, "strategy": "fsdp"}, "name": ...,
+                      "eval_file": ..., "params": {}}, "use strategy ddp"),
+        ("meta_train", {"resources": {"processes": 2}}, "unknown spec key"),
     ],
 )
 def test_bad_specs_raise_spec_error(client: JobClient, tiny_encoder_rm: Path,
@@ -93,3 +109,17 @@ def test_messages_name_the_data_directory_never_a_server_path(client: JobClient,
         with pytest.raises(SpecError) as refused:
             client.validate("train_rm", spec)
         assert str(tmp_path) not in str(refused.value) and "data directory" in str(refused.value)
+
+
+def test_a_multi_process_job_goes_to_the_multi_queue(jobs, tiny_encoder_rm: Path) -> None:
+    """The record says how many processes the job runs on; its message waits in ``multi``,
+    which only workers that see enough GPUs need consume."""
+    write_tiny_preferences(jobs.data_dir / "train.jsonl", 8, seed=0)
+    spec = {"train_file": "train.jsonl", "model": str(tiny_encoder_rm),
+            "params": {"batch_size": 4, "device": "cpu"}}
+    one = jobs.client.submit("train_rm", spec)
+    two = jobs.client.submit("train_rm", {**spec, "resources": {"processes": 2}})
+    assert (one["queue"], one["processes"]) == ("train", 1)
+    assert (two["queue"], two["processes"]) == ("multi", 2)
+    assert jobs.client.get(two["id"])["spec"]["resources"] == {"processes": 2, "strategy": "ddp"}
+    assert jobs.client.queue_depths() == {"train": 1, "adapt": 0, "multi": 1}

@@ -104,6 +104,32 @@ def test_claim_past_the_attempt_cap_fails_the_job(jobs: JobHarness) -> None:
     assert store.get("job-1")["error"]["type"] == "AttemptsExhausted"
 
 
+def test_running_processes_follow_every_transition(jobs: JobHarness) -> None:
+    """/metrics' process gauge: a job counts its processes while it runs, whichever way it
+    stops running (finished, handed back, reaped), and a lost launch spends its attempt."""
+    store = jobs.client.store
+    store.create("multi", "train_rm", "multi", {}, 3, processes=4)
+    _create(store, "single", max_attempts=3)
+    assert store.gauges().processes == 0
+    store.claim("multi", "token-a", 5, 3, "worker-a")
+    store.claim("single", "token-b", 5, 3, "worker-b")
+    assert store.gauges().processes == 5 and store.gauges().counts["running"] == 2
+    assert store.release_if_owner("multi", "token-a", count_attempt=True)
+    assert store.get("multi")["attempt"] == 1 and store.get("multi")["status"] == "queued"
+    assert store.gauges().processes == 1
+    store.claim("multi", "token-c", 0.2, 3, "worker-c")
+    assert store.get("multi")["attempt"] == 2 and store.gauges().processes == 5
+    time.sleep(0.3)  # worker-c's lease expires: the reaper hands the job back
+    assert store.reap("multi", 3, 0.2) == "requeued" and store.gauges().processes == 1
+    assert store.release_if_owner("single", "token-b")  # a shutdown: the attempt is refunded
+    assert store.get("single")["attempt"] == 0 and store.gauges().processes == 0
+    store.claim("single", "token-d", 5, 3, "worker-d")
+    store.finish_if_owner("single", "token-d", "succeeded")
+    gauges = store.gauges()
+    assert gauges.processes == 0 and gauges.counts == {
+        "queued": 1, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+
+
 def test_list_newest_first_with_status_filter(jobs: JobHarness) -> None:
     store = jobs.client.store
     for i in range(5):

@@ -13,6 +13,10 @@ from training.config import MAX_BATCH, MAX_STEPS, MAX_TOKENS, ConfigError, StrLi
 
 MarginMode = Literal["none", "fixed", "adaptive"]
 FlipMode = Literal["none", "fraction", "negative"]
+SIMCSE_NEEDS_ONE_PROCESS = (
+    "simcse_weight > 0 contrasts each pair with the other pairs of its batch, so over several "
+    "processes each rank would see only its share of the negatives (a different loss); run "
+    "SimCSE in one process")
 
 
 class RMTrainConfig(TrainerConfig):

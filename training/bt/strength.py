@@ -10,34 +10,27 @@ slice of the same size.
 
 Each ensemble member is an ordinary :class:`~training.bt.trainer.RMTrainer` run under
 ``output_dir/member-{m}``, so a cancelled or crashed estimation resumes member by member.
+Over several processes every member trains over all of them, each rank scores its share of
+the pairs with the member, and rank 0 writes every file.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from training.atomic import write_json_atomic, write_text_atomic
 from training.bt.config import StrengthConfig
+from training.bt.results import StrengthResult
 from training.bt.strength_file import strength_rows, write_strength
 from training.bt.trainer import RMTrainer
 from training.callbacks import NullCallback, TrainerCallback
 from training.data import PreferencePair, load_pairs
+from training.distributed import Processes
 from training.evaluate import score_pairs
 from training.reward_model import RewardModel
-
-
-@dataclass
-class StrengthResult:
-    strength_file: Path  # the per-pair JSONL
-    summary: dict[str, Any]  # the table (also in summary_json)
-    summary_json: Path
-    summary_markdown: Path
-    summary_png: Path
-    member_metrics: list[dict[str, Any]]
 
 
 class _MemberProgress:
@@ -57,14 +50,18 @@ class _MemberProgress:
 class StrengthTrainer:
     """Trains the ensemble, writes the strength JSONL and the summary."""
 
-    def __init__(self, config: StrengthConfig, callback: TrainerCallback | None = None) -> None:
+    def __init__(self, config: StrengthConfig, callback: TrainerCallback | None = None,
+                 processes: Processes | None = None) -> None:
         self.config = config
         self.callback = callback or NullCallback()
+        self.processes = processes or Processes.single()
 
     def train(self) -> StrengthResult:
         cfg = self.config
         out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        main = self.processes.is_main
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         pairs = load_pairs(cfg.train_file)
         diffs, member_metrics = [], []
         for m in range(cfg.num_models):
@@ -72,35 +69,42 @@ class StrengthTrainer:
             diffs.append(member_diffs)
             member_metrics.append(metrics)
         rows = strength_rows(pairs, diffs)
-        write_strength(cfg.resolved_output_file, rows)
         planted = [bool(p.meta.get("flipped")) for p in pairs]
         summary = summarize_strength(rows, planted if any(planted) else None,
                                      sigma_bins=cfg.sigma_bins)
         summary["num_models"] = cfg.num_models
         summary["strength_file"] = str(cfg.resolved_output_file)
         summary["member_metrics"] = member_metrics
-        paths = write_summary(out, rows, summary, histogram_bins=cfg.histogram_bins)
+        paths = summary_paths(out)
+        if main:
+            write_strength(cfg.resolved_output_file, rows)
+            write_summary(out, rows, summary, histogram_bins=cfg.histogram_bins)
         return StrengthResult(strength_file=cfg.resolved_output_file, summary=summary,
                               member_metrics=member_metrics, **paths)
 
     def _member(self, m: int, pairs: list[PreferencePair]) -> tuple[list[float], dict[str, Any]]:
         """Train member m (or resume it) and score every pair with it; cached on disk."""
         cfg = self.config
+        procs = self.processes
         member_cfg = cfg.member_config(m)
         scores_file = Path(member_cfg.output_dir) / "diffs.json"
-        if scores_file.is_file():
-            cached = json.loads(scores_file.read_text())
-            if len(cached["diffs"]) == len(pairs):
-                return cached["diffs"], cached["metrics"]
-        result = RMTrainer(member_cfg, _MemberProgress(self.callback, m, cfg.num_models)).train()
-        rm = RewardModel.from_pretrained(result.model_dir, device=cfg.device,
+        cached = procs.from_main(json.loads(scores_file.read_text())
+                                 if procs.is_main and scores_file.is_file() else None)
+        if cached is not None and len(cached["diffs"]) == len(pairs):
+            return cached["diffs"], cached["metrics"]
+        result = RMTrainer(member_cfg, _MemberProgress(self.callback, m, cfg.num_models),
+                           processes=procs).train()
+        # a whole replica on every rank (the member was saved whole): no collective per batch
+        rm = RewardModel.from_pretrained(result.model_dir, device=str(procs.device or cfg.device),
                                          max_input_tokens=cfg.max_length)
-        chosen, rejected = score_pairs(rm, pairs, batch_size=cfg.score_batch_size)
+        chosen, rejected = score_pairs(rm, pairs, batch_size=cfg.score_batch_size,
+                                       processes=procs)
         member_diffs = [c - r for c, r in zip(chosen, rejected, strict=True)]
-        write_json_atomic(scores_file, {"diffs": member_diffs, "metrics": result.metrics})
-        if not cfg.keep_models:
-            shutil.rmtree(result.model_dir, ignore_errors=True)
-            shutil.rmtree(Path(member_cfg.output_dir) / "checkpoints", ignore_errors=True)
+        if procs.is_main:
+            write_json_atomic(scores_file, {"diffs": member_diffs, "metrics": result.metrics})
+            if not cfg.keep_models:
+                shutil.rmtree(result.model_dir, ignore_errors=True)
+                shutil.rmtree(Path(member_cfg.output_dir) / "checkpoints", ignore_errors=True)
         return member_diffs, result.metrics
 
 
@@ -181,6 +185,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_paths(out: Path) -> dict[str, Path]:
+    """Where :func:`write_summary` writes under ``out``."""
+    return {"summary_json": out / "strength_summary.json",
+            "summary_markdown": out / "strength_summary.md",
+            "summary_png": out / "strength_summary.png"}
+
+
 def write_summary(
     out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], *, histogram_bins: int = 40
 ) -> dict[str, Path]:
@@ -191,9 +202,7 @@ def write_summary(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = {"summary_json": out / "strength_summary.json",
-             "summary_markdown": out / "strength_summary.md",
-             "summary_png": out / "strength_summary.png"}
+    paths = summary_paths(out)
     write_json_atomic(paths["summary_json"], summary)
     write_text_atomic(paths["summary_markdown"], summary_markdown(summary))
     mu = [r["mu"] for r in rows]

@@ -9,6 +9,15 @@ bf16 autocast on GPU. Checkpoints every ``checkpoint_every`` steps (and on cance
 trainer with the same ``output_dir`` resumes from the latest complete one and continues
 exactly as an uninterrupted run would (data order is a function of seed and step; RNG,
 optimizer and scheduler are restored).
+
+Over several processes (``processes``: a :class:`~training.distributed.Processes` that
+``accelerate launch`` started, see ``training.launch``) every rank takes its share of each
+global micro-batch, so ``batch_size`` and ``grad_accum_steps`` mean the same global batch
+whatever the number of processes, and gradients are synchronised by DDP (or FSDP). Rank 0
+alone reads the callback and decides when to stop, logs the loss averaged over all ranks, and
+writes checkpoints (full, loadable on any number of processes) and the final model; every
+rank resumes from the checkpoint rank 0 picked. The SimCSE term draws its negatives from the
+batch, so it runs in one process only.
 """
 
 from __future__ import annotations
@@ -17,7 +26,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +35,29 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import get_scheduler
 
 from training.atomic import replace_dir, write_json_atomic
-from training.bt.config import FlipMode, RMTrainConfig
+from training.bt.config import SIMCSE_NEEDS_ONE_PROCESS, FlipMode, RMTrainConfig
+from training.bt.results import RMTrainResult
 from training.bt.strength_file import strength_for_pairs
 from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
-from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
+from training.checkpoint import (
+    FINAL_MODEL_DIR,
+    checkpoint_path,
+    load_latest,
+    restore_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from training.data import PreferencePair, load_pairs
+from training.distributed import Processes
 from training.evaluate import evaluate_pairs, score_pairs
 from training.losses import LossWeights, reward_model_loss
 from training.models import resolve_pretrained
 from training.reward_model import RewardModel, pick_device
 
 log = logging.getLogger(__name__)
+
+LOSS_HISTORY_FILE = "loss_history.json"  # the per-step training loss of the whole run
 
 
 # ---------------------------------------------------------------------- data
@@ -79,23 +99,20 @@ def data_margins(pairs: list[PreferencePair], config: RMTrainConfig) -> list[flo
     return [p.margin or 0.0 for p in pairs]
 
 
-# ---------------------------------------------------------------------- result
-@dataclass
-class RMTrainResult:
-    model_dir: Path  # final RM (safetensors + tokenizer), loadable with RewardModel.from_pretrained
-    metrics: dict[str, Any]  # eval_* (with eval_file), train_loss, reward_mean, reward_std, steps, ...
-    steps: int
-
-
 # ---------------------------------------------------------------------- trainer
 class RMTrainer:
     """Trains one reward model; see the module docstring."""
 
-    def __init__(self, config: RMTrainConfig, callback: TrainerCallback | None = None) -> None:
+    def __init__(self, config: RMTrainConfig, callback: TrainerCallback | None = None,
+                 processes: Processes | None = None) -> None:
         self.config = config
         self.callback = callback or NullCallback()
+        self.processes = processes or Processes.single()
+        if self.processes.distributed and config.simcse_weight > 0:
+            raise ValueError(SIMCSE_NEEDS_ONE_PROCESS)
         self.output_dir = Path(config.output_dir)
-        self.device = pick_device(config.device)
+        self.device = self.processes.device or pick_device(config.device)
+        self.train_module: torch.nn.Module | None = None  # what training steps run through
         self.use_bf16 = config.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.weights = LossWeights(
             label_smoothing=config.label_smoothing,
@@ -182,9 +199,11 @@ class RMTrainer:
         n = len(indices)
         inputs = self.rm.pad([self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices])
         want_features = cfg.simcse_weight > 0
+        module = self.train_module
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            out = self.rm.forward(inputs, return_features=want_features)
-            second = self.rm.forward(inputs, return_features=True) if want_features else None
+            out = self.rm.forward(inputs, return_features=want_features, module=module)
+            second = (self.rm.forward(inputs, return_features=True, module=module)
+                      if want_features else None)
         rewards, features = out if want_features else (out, None)
         rewards = rewards.float()
         margin = None
@@ -203,18 +222,32 @@ class RMTrainer:
         )
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
-        """Optimizer step number ``step`` (1-based): accumulate its micro-batches, then update."""
+        """Optimizer step number ``step`` (1-based): accumulate its micro-batches, then update.
+
+        Over several processes each rank takes its share of every micro-batch and scales its
+        loss by that share: DDP's average of the ranks' gradients is then the gradient of the
+        whole micro-batch, and the logged parts (summed over ranks) its means.
+        """
         cfg = self.config
+        procs = self.processes
         totals: dict[str, float] = {}
         first = (step - 1) * cfg.grad_accum_steps
         for k in range(first, first + cfg.grad_accum_steps):
-            loss, parts = self._micro_step_loss(self.micro_batch(k))
-            (loss / cfg.grad_accum_steps).backward()
+            batch = self.micro_batch(k)
+            mine = procs.shard(batch)
+            weight, share = procs.share_weight(len(mine), len(batch)), len(mine) / len(batch)
+            if not mine:  # fewer pairs than ranks: a weightless pair keeps DDP's reduction whole
+                mine, weight = batch[:1], 0.0
+            last = k == first + cfg.grad_accum_steps - 1
+            with procs.no_sync(self.train_module, skip=not last):
+                loss, parts = self._micro_step_loss(mine)
+                procs.backward(loss * weight / cfg.grad_accum_steps)
             for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value / cfg.grad_accum_steps
+                totals[key] = totals.get(key, 0.0) + value * share / cfg.grad_accum_steps
+        totals = procs.sum(totals)
         params = [p for p in self.rm.model.parameters() if p.requires_grad]
         if cfg.max_grad_norm:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            totals["grad_norm"] = procs.clip_grad_norm_(params, cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,16 +256,44 @@ class RMTrainer:
 
     # ------------------------------------------------------------ the run
     def _checkpoint(self, step: int, history: list[float]) -> Path:
+        """Every rank joins (the states are gathered, each rank's RNG too); rank 0 writes."""
+        procs = self.processes
+        model_state = procs.trainable_state(self.rm.model)
+        optimizer_state = procs.optimizer_state(self.rm.model, self.optimizer)
+        extra: dict[str, Any] = {"loss_history": history}
+        if procs.distributed:
+            extra["rng_by_rank"] = procs.gather(rng_state())
+        if not procs.is_main:
+            return checkpoint_path(self.output_dir, step)
         return save_checkpoint(
-            self.output_dir, step=step, model=self.rm.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, config=self.config,
-            extra={"loss_history": history}, keep=self.config.keep_checkpoints,
+            self.output_dir, step=step, model_state={"model": model_state},
+            optimizer_state=optimizer_state, scheduler=self.scheduler, config=self.config,
+            extra=extra, keep=self.config.keep_checkpoints,
         )
+
+    def _resume(self) -> tuple[int, list[float], dict[str, Any] | None]:
+        """(step, loss history, optimizer state) of the newest complete checkpoint — the one
+        rank 0 finds, on every rank — with the model weights and RNG loaded; (0, [], None)."""
+        procs = self.processes
+        latest = procs.from_main(load_latest(self.output_dir) if procs.is_main else None)
+        if latest is None:
+            procs.seed_rank(self.config.seed)
+            return 0, [], None
+        state = restore_checkpoint(latest, model=self.rm.model, optimizer=None,
+                                   scheduler=self.scheduler)
+        by_rank = state["extra"].get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == procs.world_size:
+            set_rng_state(by_rank[procs.rank])
+        else:  # saved by another number of processes: ranks > 0 start a stream of their own
+            procs.seed_rank(self.config.seed + state["step"])
+        log.info("resumed %s from step %d", self.output_dir, state["step"])
+        return state["step"], list(state["extra"].get("loss_history", [])), state["optimizer_state"]
 
     def evaluate(self) -> dict[str, Any]:
         if not self.eval_pairs:
             return {}
-        metrics = evaluate_pairs(self.rm, self.eval_pairs, batch_size=self.config.eval_batch_size)
+        metrics = evaluate_pairs(self.rm, self.eval_pairs, batch_size=self.config.eval_batch_size,
+                                 processes=self.processes)
         flat = {f"eval_{k}": v for k, v in metrics.items() if k != "accuracy_by_domain"}
         # Scalars only, so that per-domain accuracy survives into registry metadata.
         flat.update({f"eval_accuracy/{d}": v for d, v in metrics["accuracy_by_domain"].items()})
@@ -245,18 +306,15 @@ class RMTrainer:
         self._load_data()
         self._load_model()
         self._build_optimizer()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        step, history = 0, []
-        latest = load_latest(self.output_dir)
-        if latest is not None:
-            state = restore_checkpoint(latest, model=self.rm.model, optimizer=self.optimizer,
-                                       scheduler=self.scheduler)
-            step, history = state["step"], list(state["extra"].get("loss_history", []))
-            log.info("resumed %s from step %d", self.output_dir, step)
+        if self.processes.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        step, history, optimizer_state = self._resume()
+        self.train_module, self.optimizer = self.processes.prepare(
+            self.rm.model, self.optimizer, optimizer_state)
         total = self.total_steps
         self.rm.model.train()
         while step < total:
-            if self.callback.should_stop():
+            if self.processes.main_decides(self.callback.should_stop()):
                 checkpoint = self._checkpoint(step, history)
                 raise TrainingCancelled(step, str(checkpoint))
             metrics = self._optimizer_step(step + 1)
@@ -271,6 +329,7 @@ class RMTrainer:
         return self._finish(step, history, time.monotonic() - started)
 
     def _finish(self, step: int, history: list[float], seconds: float) -> RMTrainResult:
+        """Every rank evaluates its share and gets the same metrics; rank 0 writes."""
         self.rm.model.eval()
         metrics: dict[str, Any] = {"steps": step, "train_pairs": len(self.pairs),
                                    "flipped_pairs": len(self.flipped)}
@@ -280,10 +339,12 @@ class RMTrainer:
         metrics.update(self._reward_stats())
         metrics["train_seconds"] = seconds
         model_dir = self._save_final_model()
-        if self.flipped:  # which labels this run overrode, for audits
-            write_json_atomic(self.output_dir / "flipped_pairs.json",
-                              [{"index": i, "id": self.pairs[i].id} for i in self.flipped])
-        write_json_atomic(self.output_dir / "metrics.json", metrics)
+        if self.processes.is_main:
+            if self.flipped:  # which labels this run overrode, for audits
+                write_json_atomic(self.output_dir / "flipped_pairs.json",
+                                  [{"index": i, "id": self.pairs[i].id} for i in self.flipped])
+            write_json_atomic(self.output_dir / LOSS_HISTORY_FILE, history)
+            write_json_atomic(self.output_dir / "metrics.json", metrics)
         return RMTrainResult(model_dir=model_dir, metrics=metrics, steps=step)
 
     def _reward_stats(self) -> dict[str, float]:
@@ -293,17 +354,25 @@ class RMTrainer:
         limit = max(1, cfg.reward_stats_max_items // 2)
         if len(pairs) > limit:
             pairs = random.Random(cfg.seed).sample(pairs, limit)
-        chosen, rejected = score_pairs(self.rm, pairs, batch_size=cfg.eval_batch_size)
+        chosen, rejected = score_pairs(self.rm, pairs, batch_size=cfg.eval_batch_size,
+                                       processes=self.processes)
         rewards = torch.tensor(chosen + rejected, dtype=torch.float64)
         return {"reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std(unbiased=False)),
                 "train_accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(chosen)}
 
     def _save_final_model(self) -> Path:
+        """Ordinary safetensors of the whole model, written by rank 0 (under FSDP from the
+        state every rank helps gather); every rank returns once it is in place."""
         if self.config.finetune == "lora":
             # a plain HF model: servable without peft
             self.rm.model = self.rm.model.merge_and_unload()
-        return replace_dir(self.output_dir / FINAL_MODEL_DIR, self.rm.save_pretrained)
+        full_state = self.processes.full_model_state(self.rm.model)
+        final = self.output_dir / FINAL_MODEL_DIR
+        if self.processes.is_main:
+            replace_dir(final, lambda d: self.rm.save_pretrained(d, state_dict=full_state))
+        self.processes.barrier()
+        return final
 
     def _seed_everything(self) -> None:
         seed = self.config.seed

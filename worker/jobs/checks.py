@@ -18,10 +18,11 @@ from huggingface_hub import try_to_load_from_cache
 
 from training.config import ConfigError, TrainerConfig
 from training.data import DataError, load_pairs
+from training.launch import FSDP_NEEDS_GPUS
 from training.models import SHORT_NAMES
 from training.registry import ModelNotFoundError, Registry, RegistryError, check_name, resolve_model
 from worker.settings import WorkerSettings
-from worker.specs import SpecError
+from worker.specs import Resources, SpecError
 
 # ---------------------------------------------------------------------- data files
 DATA_DIR = "the data directory (GENERALRM_DATA_DIR)"  # messages never show server paths
@@ -214,3 +215,35 @@ def trainer_config(config_cls: type[TrainerConfig], values: dict[str, Any],
 def validation_output_dir(settings: WorkerSettings) -> Path:
     """The output_dir a config is validated with at submission (nothing is written there)."""
     return settings.artifacts_dir / "jobs" / "_validation"
+
+
+# ---------------------------------------------------------------------- resources
+def check_resources(resources: Resources, settings: WorkerSettings, *, device: str,
+                    batch_size: int, finetune: str = "full", sharded_ok: bool = True,
+                    single_process_reason: str | None = None) -> None:
+    """``resources`` this deployment can run for a trainer with these settings: at most
+    GENERALRM_JOB_MAX_PROCESSES processes, no fewer pairs per micro-batch than processes (each
+    takes its share), FSDP only on GPUs, for full fine-tuning and where the kind allows it
+    (``sharded_ok``); ``single_process_reason``: why this config needs one process, if it does."""
+    processes = resources.processes
+    if processes == 1:
+        return
+    if processes > settings.job_max_processes:
+        raise SpecError(f"resources.processes: {processes} is more than this deployment runs for "
+                        f"one job (GENERALRM_JOB_MAX_PROCESSES={settings.job_max_processes})")
+    if single_process_reason:
+        raise SpecError(f"resources.processes: {processes}, but {single_process_reason}")
+    if batch_size < processes:
+        raise SpecError(f"resources.processes: {processes} processes each take a share of every "
+                        f"micro-batch, and params.batch_size is {batch_size}; give a batch_size "
+                        "of at least the number of processes")
+    if resources.strategy == "fsdp":
+        if device == "cpu":
+            raise SpecError(f"resources.strategy: {FSDP_NEEDS_GPUS}")
+        if finetune != "full":
+            raise SpecError("resources.strategy: fsdp shards full fine-tuning; LoRA adapters are "
+                            "small enough to replicate: use strategy ddp with finetune lora")
+        if not sharded_ok:
+            raise SpecError("resources.strategy: fsdp is for train_rm; the strength ensemble "
+                            "scores pairs with a whole replica of each member on every process: "
+                            "use strategy ddp")

@@ -7,6 +7,7 @@ Spec (``worker.specs.StrengthSpec``)::
                                                # (default: next to train_file, which is where
                                                # train_rm's flip / adaptive margin look)
      "model": "minilm",                        # ensemble backbone
+     "resources": {"processes": 2},            # optional: each member trains over them (ddp)
      "params": {"num_models": 5, ...}}         # any StrengthConfig field but the above
 
 Writes the strength JSONL and the summary (PNG, JSON, Markdown) into the job's directory,
@@ -22,18 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from training.atomic import create_file_atomic
-from training.bt.config import StrengthConfig
+from training.bt.config import SIMCSE_NEEDS_ONE_PROCESS, StrengthConfig
 from training.bt.strength_file import default_strength_path
 from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
+    check_resources,
     data_path,
     preference_file,
     relative,
     trainer_config,
     validation_output_dir,
 )
+from worker.jobs.processes import run_trainer
 from worker.specs import JobContext, JobOutcome, SpecError, StrengthSpec, ValidationContext
 
 KIND = StrengthSpec.kind
@@ -70,15 +73,17 @@ def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
     spec = StrengthSpec.parse(raw)
     data_dir = ctx.settings.resolved_data_dir
     config = _config(spec, data_dir, validation_output_dir(ctx.settings), spec.model)
+    member = config.member_config(0)
+    check_resources(spec.resources, ctx.settings,
+                    device=spec.params.get("device", ctx.settings.device),
+                    batch_size=member.batch_size, finetune=member.finetune, sharded_ok=False,
+                    single_process_reason=SIMCSE_NEEDS_ONE_PROCESS if member.simcse_weight else None)
     _output_path(spec, Path(config.train_file), data_dir)
     check_model_reference("model", spec.model, ctx.settings)
     return spec.model_dump()
 
 
 def run(ctx: JobContext) -> JobOutcome:
-    # deferred: the trainer imports torch, which only the job's own process may load
-    from training.bt.strength import StrengthTrainer
-
     spec = StrengthSpec.parse(ctx.spec)
     data_dir = ctx.settings.resolved_data_dir
     base = resolve_verified(spec.model, ctx.settings.artifacts_dir)
@@ -87,7 +92,7 @@ def run(ctx: JobContext) -> JobOutcome:
         config.device = ctx.settings.device
     target = default_strength_path(config.train_file) if spec.output_file is None else \
         data_path(spec.output_file, "output_file", data_dir)
-    result = StrengthTrainer(config, callback=ctx.callback).train()
+    result = run_trainer("strength", config, spec.resources, ctx)
     metrics = {k: v for k, v in result.summary.items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
     ctx.before_publish()
