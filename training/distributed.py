@@ -148,6 +148,12 @@ class Processes:
         """The device of this rank (None with one process: the trainer's config decides)."""
         return self.accelerator.device if self.accelerator is not None else None
 
+    def load_device(self, device: torch.device) -> str:
+        """Where to build the model before :meth:`prepare`: on CPU under FSDP (sharding moves
+        each process's shard to its GPU, so no GPU ever holds the whole model; the host needs
+        RAM for one copy per process), else ``device``."""
+        return "cpu" if self._sharded else str(device)
+
     def shard(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items`` (every rank's shares together are ``items``)."""
         return list(items)[self.rank :: self.world_size]

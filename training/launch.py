@@ -272,6 +272,8 @@ def launch(trainer: str, config: TrainerConfig, plan: LaunchPlan, channel_dir: P
     if trainer not in TRAINERS:
         raise ValueError(f"{trainer!r} does not run over several processes; those that do: "
                          f"{sorted(TRAINERS)}")
+    if plan.processes < 2:
+        raise ValueError("a launch runs 2 or more processes; run one in this process")
     callback = callback or NullCallback()
     result_cls = _load(TRAINERS[trainer][2])
     channel = Channel(channel_dir)

@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from training.callbacks import TrainingCancelled
 from training.launch import RanksLost
 from training.registry import Registry
@@ -70,9 +72,13 @@ def execute_job(
                           progress={**record.get("progress", {}), "resumed_from_step": resumed_from})
 
     def note_attempt(**fields) -> None:
-        """Add to this attempt's entry in the record (the ranks it ran on, how it ended)."""
+        """Add to this attempt's entry in the record (the ranks it ran on, how it ended); best
+        effort, as progress is: the lease, not this write, says who owns the job."""
         started.update(fields)
-        store.update_if_owner(job_id, token, attempts=attempts)
+        try:
+            store.update_if_owner(job_id, token, attempts=attempts)
+        except RedisError as exc:
+            log.warning("job %s: attempt note not recorded (%s)", job_id, exc)
     log.info("job %s (%s): attempt %d, resuming from step %d", job_id, record["kind"],
              claim.attempt, resumed_from)
 

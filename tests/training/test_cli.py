@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.conftest import free_port
 from tests.training.bt.test_trainer import (  # noqa: F401 (fixture)
     one_torch_thread,
     sentiment_pairs,
@@ -112,3 +113,32 @@ def test_python_m_training_prints_no_traceback_for_a_bad_value() -> None:
     assert done.returncode == 2
     assert done.stderr.strip().startswith("error: learning_rate") and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_train_rm_under_accelerate_launch_runs_over_both_processes(tiny_encoder_rm, tmp_path) -> None:
+    """The hand-off to an existing launcher (what spans several hosts): every process runs the
+    command, rank 0 alone prints and writes; the checkpoint and the model are whole."""
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(8))
+    run = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "training", "train-rm",
+         "--set", f"model={tiny_encoder_rm}", "--set", f"train_file={train}",
+         "--set", f"output_dir={run}", "--set", "device=cpu", "--set", "max_steps=4",
+         "--set", "batch_size=4", "--set", "checkpoint_every=2", "--collective-timeout", "60"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"model_dir"') == 1, "rank 0 alone prints the result"
+    payload = json.loads(done.stdout[done.stdout.index("{"):])
+    assert payload["steps"] == 4
+    assert (run / "checkpoints" / "step-000000002" / "MANIFEST.json").is_file()
+    RewardModel.from_pretrained(payload["model_dir"], device="cpu")
+    refused = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "training", "train-rm",
+         "--set", f"model={tiny_encoder_rm}", "--set", f"train_file={train}",
+         "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "device=cpu", "--strategy", "fsdp"],
+        capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "fsdp needs GPUs" in refused.stderr

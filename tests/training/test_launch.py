@@ -13,8 +13,10 @@ import pytest
 
 from tests import tiny
 from tests.worker.harness import write_tiny_preferences
-from training.bt.config import RMTrainConfig
+from training.bt.config import RMTrainConfig, StrengthConfig
 from training.bt.results import RMTrainResult
+from training.bt.strength import StrengthTrainer
+from training.bt.strength_file import read_strength
 from training.bt.trainer import LOSS_HISTORY_FILE, RMTrainer
 from training.callbacks import TrainingCancelled
 from training.checkpoint import complete_checkpoints
@@ -84,6 +86,29 @@ def test_a_checkpoint_moves_between_one_and_two_processes(data, tmp_path: Path) 
     expected = json.loads((reference.model_dir.parent / LOSS_HISTORY_FILE).read_text())
     assert len(curve) == len(expected) == total
     assert max(abs(a - b) for a, b in zip(curve, expected, strict=True)) <= CURVE_TOLERANCE
+
+
+def test_strength_over_two_processes_is_the_one_process_estimate(data, tmp_path: Path) -> None:
+    """Every member trains over both processes and each scores half the pairs; rank 0 alone
+    writes the strength file and the summary."""
+
+    def config(out: Path) -> StrengthConfig:
+        return StrengthConfig.from_dict({
+            "train_file": str(data["train"]), "output_file": str(out / "strength.jsonl"),
+            "output_dir": str(out), "model": str(data["model"]), "num_models": 2,
+            "max_steps": 12, "batch_size": 8, "max_length": 32, "device": "cpu",
+            "trainer_options": {"learning_rate": 1e-3, "warmup_ratio": 0.0}})
+
+    alone = StrengthTrainer(config(tmp_path / "one")).train()
+    together = launch("strength", config(tmp_path / "two"),
+                      LaunchPlan(processes=2, device="cpu", collective_timeout_seconds=60),
+                      tmp_path / "two" / "launch")
+    assert together.summary_png.is_file() and together.summary["num_models"] == 2
+    expected, got = read_strength(alone.strength_file), read_strength(together.strength_file)
+    assert [r["id"] for r in got] == [r["id"] for r in expected] and len(got) == 48
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine["mu"] == pytest.approx(theirs["mu"], abs=1e-4)
+        assert mine["diffs"] == pytest.approx(theirs["diffs"], abs=1e-4)
 
 
 def _write(channel: Channel, name: str, payload: dict) -> None:

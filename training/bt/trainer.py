@@ -141,7 +141,7 @@ class RMTrainer:
         source = resolve_pretrained(cfg.model)
         # fp32 master weights; bf16 only through autocast.
         self.rm = RewardModel.from_pretrained(
-            source, device=str(self.device), dtype="float32",
+            source, device=self.processes.load_device(self.device), dtype="float32",
             max_input_tokens=cfg.max_length, seed=cfg.seed,
         )
         if cfg.finetune == "lora":
