@@ -183,7 +183,10 @@ class Processes:
             # DDP: the module is wrapped; the optimizer keeps the very same parameters
             return self.accelerator.prepare_model(model), optimizer
         # FSDP2 shards the module in place and points the optimizer at the shards
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        sharded, optimizer = self.accelerator.prepare(model, optimizer)
+        if sharded is not model:  # the trainer evaluates and saves through ``model`` itself
+            raise RuntimeError("accelerate returned a new module for FSDP2; expected the model "
+                               "sharded in place")
         if optimizer_state is not None:
             self.load_optimizer_state(model, optimizer, optimizer_state)
         return model, optimizer

@@ -181,6 +181,21 @@ def test_sigterm_hands_the_job_over_and_a_cancel_stops_every_rank(
     assert _versions(jobs, "rm-two") == []
 
 
+def test_kill_9_of_the_worker_leaves_no_rank_running(jobs: JobHarness, still_encoder: Path) -> None:
+    """The launcher runs in a session of its own (out of reach of the worker's process group),
+    so it and its ranks must die with the job process by themselves."""
+    worker = jobs.start_worker()
+    job_id = jobs.client.submit("train_rm", _spec(still_encoder, "rm-two", 2, max_steps=100_000,
+                                                  checkpoint_every=0))["id"]
+    record = wait_for(lambda: _ranks_running(jobs, job_id, 1), 300, "ranks not recorded", worker)
+    pids = [r["pid"] for r in record["attempts"][0]["ranks"]]
+    launcher = int(Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert launcher != worker.pid and _alive(launcher)
+    worker.kill9()
+    wait_for(lambda: not any(_alive(p) for p in [*pids, launcher]), 30,
+             "the launcher or a rank outlived the killed worker")
+
+
 def test_a_rank_that_raises_fails_the_job_at_once(jobs: JobHarness, still_encoder: Path,
                                                    tmp_path: Path) -> None:
     model = shutil.copytree(still_encoder, tmp_path / "damaged-later")
