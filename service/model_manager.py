@@ -78,8 +78,8 @@ class ModelManager:
             previous = self._current
             self._current = served
         if previous is not None:
-            self.metrics.model_info.remove(previous.label)
-        self.metrics.model_info.labels(served.label).set(1)
+            self.metrics.model_info.remove(previous.label, previous.rm.precision.name)
+        self.metrics.model_info.labels(served.label, served.rm.precision.name).set(1)
         if served.model.from_registry:
             try:
                 self.registry.record_served(served.name, served.model.version)

@@ -35,7 +35,9 @@ class ServiceSettings(WorkerSettings):
         "items are refused (422) without being tokenized. Default: 64 x MAX_INPUT_TOKENS.")
     max_items: int = Field(256, ge=1, description="Items per request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 where the hardware has bf16 units (GPUs: bf16 weights; "
+        "CPUs with AMX/avx512_bf16: fp32 weights under bf16 autocast), fp32 elsewhere")
     allow_untrained_head: bool = Field(
         False, description="Serve a model whose reward head would be newly initialised (a causal "
         "LM, a bare encoder). Off: such a model is refused with a clear error. The packaged demo "

@@ -14,12 +14,13 @@ in plain-text mode (a continuation has no natural end).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from training.atomic import utc_now, write_json_atomic
 from training.models import resolve_pretrained
+from training.precision import autocast, pick_device, pick_dtype
 from training.registry import METADATA_FILE
-from training.reward_model import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Policy:
             raise ValueError(f"{reference}: chat_template=True but the tokenizer has none")
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
+        self.autocast_dtype: torch.dtype | None = None  # mixed precision (set by trainers)
         self._keeps_logits_by_mask = keeps_logits_by_mask(model)
         if tokenizer.pad_token_id is None:
             # Padding is always masked, so any id serves; EOS is what generate() expects.
@@ -217,10 +219,13 @@ class Policy:
         }
         if self._keeps_logits_by_mask:
             inputs["logits_to_keep"] = predicts_response
-        if params is None:
-            logits = self.model(**inputs).logits
-        else:
-            logits = torch.func.functional_call(self.model, dict(params), args=(), kwargs=inputs).logits
+        with autocast(self.device, self.autocast_dtype):
+            if params is None:
+                logits = self.model(**inputs).logits
+            else:
+                logits = torch.func.functional_call(self.model, dict(params), args=(),
+                                                    kwargs=inputs).logits
+        logits = logits.to(self.dtype)  # the log-softmax in the weights' precision
         if not self._keeps_logits_by_mask:
             logits = logits[predicts_response]
         targets = batch.input_ids[:, 1:][predicts_response[:, :-1]]
@@ -261,6 +266,15 @@ class Policy:
             return torch.zeros(0)
         return torch.cat(out).float().cpu()
 
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """No mixed precision inside (finite differences: a bf16 central difference is noise)."""
+        saved, self.autocast_dtype = self.autocast_dtype, None
+        try:
+            yield
+        finally:
+            self.autocast_dtype = saved
+
     def reference_mode(self):
         """Context in which the model is π_ref: the LoRA adapter disabled."""
         if not self.is_lora:
@@ -297,18 +311,19 @@ class Policy:
                     input_ids[i, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
                     attention[i, width - len(ids) :] = 1
                 sampling = temperature > 0
-                generated = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention.to(self.device),
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
-                    top_k=0 if sampling else None,
-                    num_return_sequences=k if sampling else 1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
+                with autocast(self.device, self.autocast_dtype):
+                    generated = self.model.generate(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=attention.to(self.device),
+                        do_sample=sampling,
+                        temperature=temperature if sampling else None,
+                        top_p=top_p if sampling else None,
+                        top_k=0 if sampling else None,
+                        num_return_sequences=k if sampling else 1,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id,
+                    )
                 texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
                 if not sampling:  # greedy: one decode per prompt, repeated
                     texts = [t for t in texts for _ in range(k)]

@@ -23,7 +23,7 @@ async def ready(manager: ManagerDep) -> dict[str, str]:
     current = manager.current
     if current is None:
         raise NotReady(manager.load_error or f"loading model {manager.reference!r}")
-    body = {"status": "ready", "model": current.label}
+    body = {"status": "ready", "model": current.label, "precision": current.rm.precision.name}
     if manager.fallback:
         body["fallback"] = manager.fallback
     return body

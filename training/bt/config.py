@@ -82,7 +82,8 @@ class RMTrainConfig(TrainerConfig):
     reward_stats_max_items: int = Field(4096, ge=1, le=10_000_000, description="training "
                                         "responses scored for reward_mean/reward_std")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (fp32 weights); ignored on CPU")
+    bf16: bool = Field(True, description="bf16 autocast (fp32 master weights) where the "
+                       "hardware has bf16 units: GPUs, CPUs with AMX/avx512_bf16")
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -5,7 +5,7 @@ preference pairs and writes the final model (safetensors + tokenizer) to
 ``output_dir/model``. Options: label smoothing, margin (none / fixed / adaptive λ·μ̂ from
 preference strength), flipping the lowest-strength pairs (a fraction, or μ̂ < 0), reward
 centering, a SimCSE term on dropout views, LoRA or full fine-tuning, gradient accumulation,
-bf16 autocast on GPU. Checkpoints every ``checkpoint_every`` steps (and on cancel); a new
+bf16 autocast where the hardware has bf16 units (GPUs, CPUs with AMX). Checkpoints every ``checkpoint_every`` steps (and on cancel); a new
 trainer with the same ``output_dir`` resumes from the latest complete one and continues
 exactly as an uninterrupted run would (data order is a function of seed and step; RNG,
 optimizer and scheduler are restored).
@@ -35,7 +35,8 @@ from training.data import PreferencePair, load_pairs
 from training.evaluate import evaluate_pairs, score_pairs
 from training.losses import LossWeights, reward_model_loss
 from training.models import resolve_pretrained
-from training.reward_model import RewardModel, pick_device
+from training.precision import mixed_precision, pick_device
+from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,6 @@ class RMTrainer:
         self.callback = callback or NullCallback()
         self.output_dir = Path(config.output_dir)
         self.device = pick_device(config.device)
-        self.use_bf16 = config.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.weights = LossWeights(
             label_smoothing=config.label_smoothing,
             center_coef=config.center_coef,
@@ -127,6 +127,7 @@ class RMTrainer:
             source, device=str(self.device), dtype="float32",
             max_input_tokens=cfg.max_length, seed=cfg.seed,
         )
+        self.rm.autocast_dtype = mixed_precision(self.device, cfg.bf16)
         if cfg.finetune == "lora":
             lora = LoraConfig(
                 task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -182,9 +183,8 @@ class RMTrainer:
         n = len(indices)
         inputs = self.rm.pad([self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices])
         want_features = cfg.simcse_weight > 0
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            out = self.rm.forward(inputs, return_features=want_features)
-            second = self.rm.forward(inputs, return_features=True) if want_features else None
+        out = self.rm.forward(inputs, return_features=want_features)
+        second = self.rm.forward(inputs, return_features=True) if want_features else None
         rewards, features = out if want_features else (out, None)
         rewards = rewards.float()
         margin = None

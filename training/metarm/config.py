@@ -60,7 +60,9 @@ class MetaRMConfig(TrainerConfig):
                             "(prompt, response)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
+        "auto", description="weights' dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")
     seed: int = Field(0, ge=0, description="data order, k-subsets, head init")
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="steps between "
                                   "checkpoints (also written on cancel and at the end)")

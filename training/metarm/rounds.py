@@ -32,6 +32,7 @@ from training.models import resolve_pretrained
 from training.oodpl.adapt import Adapter
 from training.oodpl.config import AdaptConfig
 from training.policy import Policy, lora_from_fields
+from training.precision import mixed_precision
 
 
 @dataclass
@@ -137,11 +138,14 @@ class MetaRMRounds:
             chat_template=adapt_config.chat_template,
         )
         if previous_policy_dir is not None:  # resuming after a complete round
-            return Policy.from_pretrained(previous_policy_dir, **common)
-        lora = lora_from_fields(
-            adapt_config.lora_r, adapt_config.lora_alpha, adapt_config.lora_targets
-        )
-        return Policy.from_pretrained(adapt_config.policy, lora=lora, **common)
+            policy = Policy.from_pretrained(previous_policy_dir, **common)
+        else:
+            lora = lora_from_fields(
+                adapt_config.lora_r, adapt_config.lora_alpha, adapt_config.lora_targets
+            )
+            policy = Policy.from_pretrained(adapt_config.policy, lora=lora, **common)
+        policy.autocast_dtype = mixed_precision(policy.device, adapt_config.bf16, policy.dtype)
+        return policy
 
     def _sample_meta_set(
         self, policy: Any, prompts: list[str], round_index: int, k: int, path: Path

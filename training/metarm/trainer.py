@@ -37,6 +37,7 @@ from training.evaluate import score_pairs
 from training.losses import bradley_terry_loss
 from training.metarm.config import MetaRMConfig
 from training.models import resolve_pretrained
+from training.precision import mixed_precision
 from training.reward_model import RewardModel
 
 
@@ -220,6 +221,7 @@ class MetaRMTrainer:
             max_input_tokens=cfg.max_length,
             seed=cfg.seed,
         )
+        rm.autocast_dtype = mixed_precision(rm.device, cfg.bf16, rm.precision.weights)
         rm.model.train(not cfg.disable_dropout)
         for param in rm.model.parameters():
             param.requires_grad_(True)

@@ -33,6 +33,7 @@ from training.models import resolve_pretrained
 from training.oodpl.config import AdaptConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
 from training.policy import Policy, kl_estimate, lora_from_fields
+from training.precision import mixed_precision
 from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,10 @@ class Adapter:
             self.policy = Policy.from_pretrained(c.policy, lora=lora, **common)
         if not self.policy.is_lora:
             self.reference = Policy.from_pretrained(c.policy, trainable=False, **common)
+        for policy in (self.policy, self.reference):
+            if policy is not None:
+                policy.autocast_dtype = mixed_precision(policy.device, c.bf16, policy.dtype)
+        self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
         params = list(self.policy.trainable_parameters().values())
         if c.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=c.learning_rate)

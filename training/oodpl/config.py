@@ -85,7 +85,10 @@ class MetaTrainConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="seed of every random choice")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="auto = fp32 on CPU; float64 for gradient checks")
+        "auto", description="weights' dtype: auto = fp32 on CPU; float64 for gradient checks")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX); the finite-difference directional "
+                       "derivative stays fp32")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -162,7 +165,9 @@ class AdaptConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="sampling and data order")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype")
+        "auto", description="weights' dtype")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -207,4 +212,6 @@ class DPOConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="data order, LoRA init")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype")
+        "auto", description="weights' dtype")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")

@@ -48,6 +48,7 @@ from training.models import resolve_pretrained
 from training.oodpl.config import MetaTrainConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
 from training.policy import Policy, lora_from_fields
+from training.precision import mixed_precision
 from training.registry import METADATA_FILE
 from training.reward_model import RewardModel
 
@@ -206,6 +207,8 @@ class MetaTrainer:
                 artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
             )
         self.policy.model.eval()
+        self.policy.autocast_dtype = mixed_precision(self.policy.device, c.bf16, self.policy.dtype)
+        self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
         self.theta = self.policy.trainable_parameters()
         if not self.theta:
             raise ConfigError("policy: no trainable parameters (θ)")
@@ -262,7 +265,7 @@ class MetaTrainer:
         if norm == 0.0:
             return torch.zeros(len(batch.prompts), dtype=self.policy.dtype, device=self.policy.device)
         h = self.config.fd_eps / norm
-        with torch.no_grad():
+        with torch.no_grad(), self.policy.full_precision():
             plus = self.policy.batch_logprobs(encoded, {n: params[n] + h * tangent[n] for n in params})
             minus = self.policy.batch_logprobs(encoded, {n: params[n] - h * tangent[n] for n in params})
         return (plus - minus) / (2 * h)

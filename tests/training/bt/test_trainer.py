@@ -100,7 +100,9 @@ def test_short_run_changes_every_trainable_parameter(tiny_encoder_rm, data, tmp_
     result = RMTrainer(config(tiny_encoder_rm, data, tmp_path / "run")).train()
     after = dict(RewardModel.from_pretrained(result.model_dir, device="cpu").model.named_parameters())
     unchanged = [k for k, v in before.items() if torch.equal(v, after[k])]
-    assert unchanged == []
+    # the head's bias adds the same constant to both rewards of a pair: Bradley–Terry's
+    # gradient on it is exactly 0 (in fp32 rounding noise, magnified by Adam, used to move it)
+    assert unchanged in ([], ["classifier.bias"])
     assert result.steps == 6
     for key in ("eval_accuracy", "train_loss", "reward_mean", "reward_std", "steps"):
         assert key in result.metrics

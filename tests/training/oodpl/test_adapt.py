@@ -45,6 +45,7 @@ def test_adapter_end_to_end_saves_a_reloadable_policy(tiny_policy, tiny_encoder_
     assert info["kind"] == "policy" and info["domain"] == "fox"
     assert info["base_model"] == str(tiny_policy) and info["reward_model"] == str(tiny_encoder_rm)
     reloaded = Policy.from_pretrained(result.policy_dir, device="cpu")
+    reloaded.autocast_dtype = adapter.policy.autocast_dtype  # the same precision, the same numbers
     assert reloaded.is_lora
     prompts, responses = [p.prompt for p in PAIRS], [p.chosen for p in PAIRS]
     adapted = adapter.policy.logprobs_chunked(prompts, responses)
