@@ -344,7 +344,9 @@ class Policy:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.is_lora and merge:
-            merged = copy.deepcopy(self.model).merge_and_unload()
+            # one dtype for the saved model: the base may hold bf16 copies of frozen layers
+            # (training.precision.cast_frozen_linears)
+            merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype)
             merged.save_pretrained(str(directory), safe_serialization=True)
         else:
             self.model.save_pretrained(str(directory), safe_serialization=True)

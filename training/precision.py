@@ -114,3 +114,30 @@ def canonical_rows_and_length(rows: int, longest: int) -> tuple[int, int]:
     and at least MIN_BATCH_TOKENS tokens (extra rows are fillers, discarded)."""
     length = SEQUENCE_QUANTUM * math.ceil((longest + 1) / SEQUENCE_QUANTUM)
     return max(rows, math.ceil(MIN_BATCH_TOKENS / length)), length
+
+
+def cast_frozen_linears(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
+    """Store the weights of ``module``'s frozen Linear layers in ``dtype`` (the autocast dtype),
+    so that autocast stops casting them again at every forward pass. The numbers do not change:
+    autocast computes a Linear with exactly these bf16 weights. Trainable layers keep their fp32
+    master weights; a weight tied to the input embeddings (an LM head) is left alone, since the
+    embedding lookup is not autocast and must keep its precision. Returns how many were cast.
+
+    Measured on SmolLM2-135M + LoRA (issue 16): recasting the frozen base at every forward
+    pass cost a fifth of an adaptation step on CPU.
+    """
+    if dtype is None:
+        return 0
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    tied = {id(embeddings.weight)} if embeddings is not None else set()
+    cast = 0
+    for layer in module.modules():
+        if not isinstance(layer, torch.nn.Linear) or layer.weight.requires_grad:
+            continue
+        if id(layer.weight) in tied or layer.weight.dtype == dtype:
+            continue
+        layer.weight.data = layer.weight.data.to(dtype)
+        if layer.bias is not None and not layer.bias.requires_grad:
+            layer.bias.data = layer.bias.data.to(dtype)
+        cast += 1
+    return cast

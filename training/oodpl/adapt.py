@@ -33,7 +33,7 @@ from training.models import resolve_pretrained
 from training.oodpl.config import AdaptConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
 from training.policy import Policy, kl_estimate, lora_from_fields
-from training.precision import mixed_precision
+from training.precision import cast_frozen_linears, mixed_precision
 from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,10 @@ class Adapter:
         for policy in (self.policy, self.reference):
             if policy is not None:
                 policy.autocast_dtype = mixed_precision(policy.device, c.bf16, policy.dtype)
+                if not c.merge:  # a merge must add the adapter to the fp32 base weights
+                    cast_frozen_linears(policy.model, policy.autocast_dtype)
         self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
+        cast_frozen_linears(self.rm.model, self.rm.autocast_dtype)
         params = list(self.policy.trainable_parameters().values())
         if c.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=c.learning_rate)

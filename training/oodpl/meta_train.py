@@ -48,7 +48,7 @@ from training.models import resolve_pretrained
 from training.oodpl.config import MetaTrainConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
 from training.policy import Policy, lora_from_fields
-from training.precision import mixed_precision
+from training.precision import cast_frozen_linears, mixed_precision
 from training.registry import METADATA_FILE
 from training.reward_model import RewardModel
 
@@ -208,6 +208,7 @@ class MetaTrainer:
             )
         self.policy.model.eval()
         self.policy.autocast_dtype = mixed_precision(self.policy.device, c.bf16, self.policy.dtype)
+        cast_frozen_linears(self.policy.model, self.policy.autocast_dtype)  # θ's base is frozen
         self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
         self.theta = self.policy.trainable_parameters()
         if not self.theta:
