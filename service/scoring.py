@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +13,14 @@ from service.engine import ScoringEngine, ServedModel
 from service.errors import InvalidInput
 
 INLINE_ENCODE_ITEMS = 4
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def check_item_count(count: int, limit: int) -> None:

@@ -34,7 +34,7 @@ CANCEL_KEY_TTL_SECONDS = 30 * 24 * 3600
 FIELDS = (
     "id", "kind", "queue", "spec", "status", "attempt", "max_attempts", "heartbeat", "worker",
     "progress", "metrics", "artifacts", "error", "attempts", "cancel_requested",
-    "created_at", "updated_at",
+    "created_at", "updated_at", "finished_at",
 )
 
 # KEYS: record, lease, cancel, active   ARGV: token, lease_ms, now, max_attempts, worker, job_id,
@@ -47,14 +47,15 @@ if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
   return {'finished', status}
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[3], 'finished_at', ARGV[3])
   redis.call('SREM', KEYS[4], ARGV[6])
   return {'cancelled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'owned'} end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') + 1
 if attempt > tonumber(ARGV[4]) then
-  redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[7], 'updated_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[7], 'updated_at', ARGV[3],
+    'finished_at', ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[6])
   return {'exhausted', tostring(attempt - 1)}
@@ -99,14 +100,15 @@ end
 if status ~= 'running' then return 'queued' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
 if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[1], 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
   redis.call('DEL', KEYS[3])
   return 'cancelled'
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 if attempt >= tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[4], 'updated_at', ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[4], 'updated_at', ARGV[1],
+    'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
   return 'failed'
 end
@@ -133,7 +135,7 @@ if status == 'succeeded' or status == 'failed' or status == 'cancelled' then ret
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
 redis.call('HSET', KEYS[1], 'cancel_requested', 'true', 'updated_at', ARGV[1])
 if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', '"cancelled"')
+  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[3], ARGV[2])
   redis.call('DEL', KEYS[2])
   return 'cancelled'
@@ -309,6 +311,7 @@ class JobStore:
             "attempt": 0, "max_attempts": max_attempts, "heartbeat": None, "worker": None,
             "progress": {}, "metrics": {}, "artifacts": {}, "error": None, "attempts": [],
             "cancel_requested": False, "created_at": created, "updated_at": created,
+            "finished_at": None,
         }
         pipe = self.redis.pipeline(transaction=True)
         encoded = {key: _dumps(value) for key, value in record.items()}
@@ -363,6 +366,7 @@ class JobStore:
             raise ValueError(f"{status!r} is not a final status")
         fields.update(status=status)
         fields.setdefault("updated_at", record_time())
+        fields.setdefault("finished_at", fields["updated_at"])
         return bool(
             self._finish_if_owner(
                 keys=[self.record_key(job_id), self.lease_key(job_id), self.ACTIVE_KEY,
