@@ -141,7 +141,10 @@ def test_dockerfile_one_python_one_cuda_argument_and_cached_layers():
     assert default in TORCH_2_13_CUDA
     assert text.count("whl/${TORCH_CUDA}") == 1 and "whl/cpu" in text
     assert text.count('"torch==2.13.0"') == 2
-    for run in re.findall(r"^RUN (?:.*\\\n)*.*pip install (?!--no-cache-dir --no-deps \.).*$", text, re.M):
+    installs = re.findall(r"^RUN (?:.*\\\n)*.*pip install (?!--no-cache-dir --no-deps \.).*$",
+                          text, re.M)
+    assert len(installs) == 3  # torch (cpu), torch (cuda), the dependencies
+    for run in installs:
         assert "--mount=type=cache,target=/root/.cache/pip" in run, run
     # the dependency layer comes before the source: a source change reuses it
     assert text.index("pip install -r /tmp/requirements.txt") < text.index("COPY --from=source")
