@@ -122,8 +122,10 @@ def watch(job_id: str, url: str = URL,
 
             def show(job: Job) -> None:
                 progress = job.progress or {}
-                loss = progress.get("loss")
-                metric = f"loss {loss:.4g}" if isinstance(loss, int | float) else ""
+                # the trainers report loss; an evaluation reports its running accuracy
+                shown = next(((k, progress[k]) for k in ("loss", "accuracy")
+                              if isinstance(progress.get(k), int | float)), None)
+                metric = f"{shown[0]} {shown[1]:.4g}" if shown else ""
                 bar.update(task, completed=progress.get("step", 0),
                            total=progress.get("total") or None, status=job.status, metric=metric)
 
