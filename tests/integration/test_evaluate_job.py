@@ -9,26 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.test_rewardbench import SAMPLE
+from tests.training.test_rewardbench import SAMPLE, expected_accuracy
 from tests.worker.harness import JobHarness
 from training.registry import Registry
-from training.reward_model import RewardModel
 from training.rewardbench import section_scores
 from worker.specs import SpecError
 
 pytestmark = pytest.mark.integration
 FINAL = {"succeeded", "failed", "cancelled"}
-
-
-def _expected_by_subset(model_dir: Path) -> dict[str, float]:
-    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
-    rm = RewardModel.from_pretrained(model_dir, max_input_tokens=64)
-    chosen = rm.score([{"prompt": r["prompt"], "response": r["chosen"]} for r in rows])
-    rejected = rm.score([{"prompt": r["prompt"], "response": r["rejected"]} for r in rows])
-    by_subset: dict[str, list[bool]] = {}
-    for row, c, r in zip(rows, chosen, rejected, strict=True):
-        by_subset.setdefault(row["subset"], []).append(c > r)
-    return {s: sum(v) / len(v) for s, v in by_subset.items()}
 
 
 def test_evaluate_a_registry_version_and_a_local_model(tmp_path: Path, redis_server,
@@ -46,7 +34,7 @@ def test_evaluate_a_registry_version_and_a_local_model(tmp_path: Path, redis_ser
         assert done["status"] == "succeeded", done["error"]
         assert done["finished_at"] is not None and done["finished_at"] >= done["created_at"]
 
-        expected = _expected_by_subset(tiny_encoder_rm)
+        expected, _ = expected_accuracy(tiny_encoder_rm)
         metrics = done["metrics"]
         assert metrics["accuracy_by_subset"] == pytest.approx(expected)
         assert metrics["rewardbench_sections"] == pytest.approx(section_scores(expected))

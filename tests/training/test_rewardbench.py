@@ -18,6 +18,19 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "data" / "rewardbench-sample.jsonl"
 
 
+def expected_accuracy(model_dir: Path) -> tuple[dict[str, float], list[float]]:
+    """Accuracy per subset of ``SAMPLE`` recomputed from the model's own scores (64 tokens),
+    and the chosen responses' rewards."""
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    rm = RewardModel.from_pretrained(model_dir, max_input_tokens=64)
+    chosen = rm.score([{"prompt": r["prompt"], "response": r["chosen"]} for r in rows])
+    rejected = rm.score([{"prompt": r["prompt"], "response": r["rejected"]} for r in rows])
+    by_subset: dict[str, list[bool]] = {}
+    for row, c, r in zip(rows, chosen, rejected, strict=True):
+        by_subset.setdefault(row["subset"], []).append(c > r)
+    return {s: sum(v) / len(v) for s, v in by_subset.items()}, chosen
+
+
 def test_sections_weigh_subsets_by_example_count_with_math_counted_984():
     assert EXAMPLE_COUNTS["math-prm"] == 984 == 6 * EXAMPLE_COUNTS["hep-python"]
     assert sum(len(v) for v in SUBSET_MAPPING.values()) == len(EXAMPLE_COUNTS) == 23
@@ -50,13 +63,7 @@ def test_python_m_training_evaluate_on_a_rewardbench_file(tmp_path: Path, tiny_e
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
-    rm = RewardModel.from_pretrained(tiny_encoder_rm, max_input_tokens=64)
-    chosen = rm.score([{"prompt": r["prompt"], "response": r["chosen"]} for r in rows])
-    rejected = rm.score([{"prompt": r["prompt"], "response": r["rejected"]} for r in rows])
-    by_subset: dict[str, list[bool]] = {}
-    for row, c, r in zip(rows, chosen, rejected, strict=True):
-        by_subset.setdefault(row["subset"], []).append(c > r)
-    expected = {s: sum(v) / len(v) for s, v in by_subset.items()}
+    expected, chosen = expected_accuracy(tiny_encoder_rm)
     assert metrics["accuracy_by_subset"] == pytest.approx(expected)
     assert metrics["n_pairs"] == len(rows) == 18
     assert metrics["rewardbench_sections"] == pytest.approx(section_scores(expected))
