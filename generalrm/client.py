@@ -204,6 +204,15 @@ class _Sleep:
 Flow = Generator["_Call | list[_Call] | _Sleep", Any, T]
 
 
+def _advance(flow: Flow[Any], reply: Any, error: ApiError | None) -> tuple[bool, Any]:
+    """Resume ``flow`` with the last step's reply (or its error): ``(True, result)`` when it
+    returned, else ``(False, next step)``."""
+    try:
+        return False, (flow.throw(error) if error is not None else flow.send(reply))
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def _retry_delay(response: httpx.Response, attempt: int, cap: float) -> float:
     header = response.headers.get("Retry-After")
     delay: float | None = None
@@ -434,23 +443,21 @@ class Client(_Flows):
         raise AssertionError("unreachable")
 
     def _run(self, flow: Flow[T]) -> T:
-        reply: Any = None
-        error: Exception | None = None
+        outcome: tuple[Any, ApiError | None] = (None, None)
         while True:
-            try:
-                step = flow.throw(error) if error is not None else flow.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            reply, error = None, None
+            done, step = _advance(flow, *outcome)
+            if done:
+                return step
             try:
                 if isinstance(step, _Sleep):
                     time.sleep(step.seconds)
+                    outcome = (None, None)
                 elif isinstance(step, list):
-                    reply = [self._send(call) for call in step]
+                    outcome = ([self._send(call) for call in step], None)
                 else:
-                    reply = self._send(step)
-            except ApiError as exc:
-                error = exc
+                    outcome = (self._send(step), None)
+            except ApiError as exc:  # handed to the flow, which may handle it
+                outcome = (None, exc)
 
     def score(self, items: Iterable[Mapping[str, Any]], *, model: str | None = None,
               normalize: bool = False, truncate: bool = True) -> ScoreResult:
@@ -539,23 +546,21 @@ class AsyncClient(_Flows):
         raise AssertionError("unreachable")
 
     async def _run(self, flow: Flow[T]) -> T:
-        reply: Any = None
-        error: Exception | None = None
+        outcome: tuple[Any, ApiError | None] = (None, None)
         while True:
-            try:
-                step = flow.throw(error) if error is not None else flow.send(reply)
-            except StopIteration as stop:
-                return stop.value
-            reply, error = None, None
+            done, step = _advance(flow, *outcome)
+            if done:
+                return step
             try:
                 if isinstance(step, _Sleep):
                     await asyncio.sleep(step.seconds)
+                    outcome = (None, None)
                 elif isinstance(step, list):
-                    reply = list(await asyncio.gather(*(self._send(call) for call in step)))
+                    outcome = (list(await asyncio.gather(*map(self._send, step))), None)
                 else:
-                    reply = await self._send(step)
+                    outcome = (await self._send(step), None)
             except ApiError as exc:
-                error = exc
+                outcome = (None, exc)
 
     async def score(self, items: Iterable[Mapping[str, Any]], *, model: str | None = None,
                     normalize: bool = False, truncate: bool = True) -> ScoreResult:
