@@ -168,8 +168,8 @@ class AliasChange(_Result):
     alias: str
     version: str
     served: str | None = None
-    swap: str | None = None
-    swap_error: str | None = None
+    swap: str | None = Field(None, description="swapped: this server now serves it; null: "
+                             "what it serves did not change (a failed load is a 409 ApiError)")
 
 
 # ---------------------------------------------------------------------- plumbing

@@ -12,10 +12,11 @@ from service.deps import require_api_key
 from service.engine import ScoringEngine
 from service.errors import error_responses, install_error_handlers
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.middleware import BodyLimitMiddleware, InternalErrorMiddleware, MetricsMiddleware
 from service.model_manager import ModelManager
 from service.routes import (
     adapt,
+    docs,
     get_reward,
     health,
     jobs,
@@ -63,15 +64,21 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             if not loading.done():
                 log.info("shutting down while the model is still loading")
 
+    docs_protected = bool(settings.api_key) and not settings.public_docs
     app = FastAPI(
         title="generalrm",
         summary="Reward-model scoring and meta-learning service for RLHF",
         version="0.1.0",
         lifespan=lifespan,
+        # behind the API key unless GENERALRM_PUBLIC_DOCS: the schema maps the whole surface
+        openapi_url=None if docs_protected else "/openapi.json",
+        docs_url=None if docs_protected else "/docs",
+        redoc_url=None if docs_protected else "/redoc",
     )
     app.state.settings = settings
     app.state.metrics = app_metrics
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app_metrics)
 
@@ -82,4 +89,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                        responses=unauthorized)
     for module in (score, preference, get_reward, pooling, adapt, models, jobs, limits, metrics):
         app.include_router(module.router, dependencies=protected, responses=unauthorized)
+    if docs_protected:
+        app.include_router(docs.router, dependencies=protected)
     return app

@@ -1,6 +1,9 @@
 """The scoring engine: one inference thread owns the model; the event loop never runs torch.
 
-Requests arrive already tokenized (in the thread pool) and wait in a bounded queue. The
+A request first takes a place in the bounded queue (:meth:`ScoringEngine.admit`): when
+``max_queue`` requests are already waiting — queued or still being tokenized — it is refused
+at once (429), before it costs any work. Admitted requests are tokenized in the thread pool and
+queued. The
 inference thread drains the queue, sorts the waiting items by length so that little is
 padded, cuts them into batches by a padded-token budget and an item cap, and completes
 each request as soon as its last item is scored. A full queue refuses at once (429) rather
@@ -23,7 +26,7 @@ from typing import Any
 from service.errors import Overloaded
 from service.metrics import Metrics
 from training.registry import ResolvedModel
-from training.reward_model import RewardModel
+from training.reward_model import Encoded, RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class ServedModel:
 @dataclass
 class _Request:
     model: ServedModel
-    items: Sequence[Sequence[int]]
+    items: Sequence[Encoded]
     future: Future
     scores: list[float | None]
     remaining: int
@@ -76,6 +79,7 @@ class ScoringEngine:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._pending: deque[_Request] = deque()
+        self._admitted = 0  # places taken by requests still being tokenized
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -101,25 +105,49 @@ class ScoringEngine:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self._admitted
 
     # ------------------------------------------------------------------ admission
-    def submit(self, model: ServedModel, items: Sequence[Sequence[int]]) -> Future:
-        """Queue encoded items; the future resolves to their scores in order."""
-        future: Future = Future()
-        if not items:
-            future.set_result([])
-            return future
+    def _refuse_when_full(self) -> None:
+        waiting = len(self._pending) + self._admitted
+        if waiting >= self.max_queue:
+            self.metrics.rejected.inc()
+            raise Overloaded(
+                f"{waiting} requests are already waiting (max_queue={self.max_queue}); retry "
+                "after the Retry-After delay",
+                retry_after=self._recent_batch_seconds * 2,
+            )
+
+    def admit(self) -> None:
+        """Take a place in the queue before doing any work for a request; Overloaded at once
+        when it is full. Each admit is followed by one ``submit(..., admitted=True)`` or one
+        :meth:`release`."""
         with self._cond:
             if self._stopping:
                 raise RuntimeError("scoring engine is stopped")
-            if len(self._pending) >= self.max_queue:
-                self.metrics.rejected.inc()
-                raise Overloaded(
-                    f"{len(self._pending)} requests are already waiting (max_queue="
-                    f"{self.max_queue}); retry after the Retry-After delay",
-                    retry_after=self._recent_batch_seconds * 2,
-                )
+            self._refuse_when_full()
+            self._admitted += 1
+
+    def release(self) -> None:
+        """Give back an admitted place (the request failed before it was queued)."""
+        with self._cond:
+            self._admitted -= 1
+
+    def submit(self, model: ServedModel, items: Sequence[Encoded], *,
+               admitted: bool = False) -> Future:
+        """Queue encoded items; the future resolves to their scores in order. ``admitted``:
+        the request already holds a place (:meth:`admit`)."""
+        future: Future = Future()
+        with self._cond:
+            if admitted:
+                self._admitted -= 1
+            if not items:
+                future.set_result([])
+                return future
+            if self._stopping:
+                raise RuntimeError("scoring engine is stopped")
+            if not admitted:
+                self._refuse_when_full()
             self._pending.append(
                 _Request(model, items, future, [None] * len(items), len(items), time.monotonic())
             )

@@ -18,6 +18,9 @@ from training.registry import ModelNotFoundError, RegistryError
 from training.reward_model import InputError, InputTooLongError
 from worker.client import JobStoreUnavailable, SpecError
 
+INTERNAL_ERROR_MESSAGE = ("internal error: a bug of ours, not something the request did; the "
+                          "server log has the details")
+
 log = logging.getLogger(__name__)
 
 
@@ -51,6 +54,13 @@ class Conflict(ApiError):
     error_type = "conflict"
 
 
+class PromotionFailed(ApiError):
+    """A promoted version could not be loaded; nothing was moved."""
+
+    status_code = 409
+    error_type = "promotion_failed"
+
+
 class InvalidInput(ApiError):
     status_code = 422
     error_type = "invalid_input"
@@ -79,6 +89,7 @@ class BackendUnavailable(ApiError):
 _DOCUMENTED: dict[int, str] = {
     401: "GENERALRM_API_KEY is set and the request has no or a wrong key",
     404: "unknown job, or a model that is not served here",
+    409: "a promotion whose version cannot be loaded (the alias did not move)",
     413: "body larger than GENERALRM_MAX_BODY_BYTES",
     415: "body not sent as application/json",
     422: "invalid input; the message names the field and what to fix",
@@ -87,7 +98,7 @@ _DOCUMENTED: dict[int, str] = {
 }
 SCORING_ERRORS = (404, 413, 415, 422, 429, 503)
 JOB_ERRORS = (404, 413, 415, 422, 503)
-MODEL_ERRORS = (404, 413, 415, 422, 503)
+MODEL_ERRORS = (404, 409, 413, 415, 422, 503)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict]:
@@ -171,10 +182,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's 400 is a body it could not parse as JSON (not UTF-8, nested too deeply,
+            # an integer too long to convert): malformed JSON, 422 like any other
+            return error_response(
+                422, "invalid_input", "request body is not valid JSON (it must be UTF-8, nested "
+                "at most a few hundred levels, with numbers of sane size)")
         kind = _STATUS_TYPES.get(exc.status_code, "http_error")
         return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    # Anything else is a bug: service.middleware.InternalErrorMiddleware answers 500 with
+    # INTERNAL_ERROR_MESSAGE (never the exception's text) and keeps the connection.

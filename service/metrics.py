@@ -40,6 +40,11 @@ class Metrics:
         self.model_info = Gauge(
             "generalrm_model_info", "The served reward model (value 1)", ["model"], registry=r
         )
+        self.model_fallback = Gauge(
+            "generalrm_model_fallback",
+            "1 while the served version is a fallback: the referenced one could not load",
+            registry=r,
+        )
         self.model_swaps = Counter(
             "generalrm_model_swaps", "Served-model swaps", ["outcome"], registry=r
         )

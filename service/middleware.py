@@ -1,13 +1,18 @@
-"""Pure ASGI middleware: the request-body limit (413) and per-route request metrics."""
+"""Pure ASGI middleware: the request-body limit (413), internal errors (500) and per-route
+request metrics."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import INTERNAL_ERROR_MESSAGE
 from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class _BodyTooLarge(BaseException):  # noqa: N818
@@ -98,3 +103,33 @@ class MetricsMiddleware:
             name = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(name, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+
+class InternalErrorMiddleware:
+    """An exception no handler maps (a bug) becomes a 500 with the one error shape, logged in
+    full but never echoed to the client. Answering here, inside Starlette's outermost
+    middleware, keeps the connection: there the exception would be re-raised to uvicorn,
+    which drops a keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await _send_error(send, 500, "internal_error", INTERNAL_ERROR_MESSAGE)

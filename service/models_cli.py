@@ -40,8 +40,6 @@ def _report(change: AliasChange) -> None:
     swap = f", {change.swap}" if change.swap else ""
     typer.echo(f"{change.name}:{change.alias} -> {change.version} "
                f"(served: {change.served or 'nothing'}{swap})")
-    if change.swap == "failed":
-        raise typer.Exit(1)
 
 
 @models_app.command("promote")

@@ -32,10 +32,11 @@ from service.schemas import (
     PoolingUsage,
 )
 from service.scoring import check_item_count, encode_and_score, sigmoid
-from training.reward_model import InputTooLongError, RewardModel
+from service.settings import ServiceSettings
+from training.reward_model import Encoded, InputTooLongError, RewardModel
 
 
-def _fitted(rm: RewardModel, encode: Callable[[bool], list[int]], keep: int | None) -> list[int]:
+def _fitted(rm: RewardModel, encode: Callable[[bool], Encoded], keep: int | None) -> Encoded:
     """Token ids under vLLM's ``truncate_prompt_tokens``: unset refuses an over-long input,
     -1 keeps what fits the model, k > 0 the last k tokens."""
     if keep is None:
@@ -46,25 +47,28 @@ def _fitted(rm: RewardModel, encode: Callable[[bool], list[int]], keep: int | No
                 f"an input is longer than max_input_tokens={rm.max_input_tokens} tokens; shorten "
                 "it or send truncate_prompt_tokens (-1 keeps its last tokens, as vLLM does)"
             ) from None
-    ids = encode(True)
-    return ids[-keep:] if keep > 0 else ids
+    encoded = encode(True)
+    if keep < 0 or len(encoded) <= keep:
+        return encoded
+    types = encoded.token_type_ids
+    return Encoded(encoded.input_ids[-keep:], types[-keep:] if types is not None else None)
 
 
 def _payloads_and_encoder(
     rm: RewardModel, body: PoolingRequestBase | Any
-) -> tuple[list[Any], Callable[[Sequence[Any]], list[list[int]]]]:
+) -> tuple[list[Any], Callable[[Sequence[Any]], list[Encoded]]]:
     keep = getattr(body, "truncate_prompt_tokens", None)
     if getattr(body, "messages", None) is not None:
         conversation = {"messages": [m.model_dump() for m in body.messages]}
 
-        def encode_items(items: Sequence[Any]) -> list[list[int]]:
+        def encode_items(items: Sequence[Any]) -> list[Encoded]:
             return [_fitted(rm, lambda t, item=item: rm.encode_many([item], truncate=t)[0], keep)
                     for item in items]
 
         return [conversation], encode_items
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
 
-    def encode_texts(batch: Sequence[str]) -> list[list[int]]:
+    def encode_texts(batch: Sequence[str]) -> list[Encoded]:
         return [_fitted(rm, lambda t, text=text: rm.encode_text(text, truncate=t), keep)
                 for text in batch]
 
@@ -72,11 +76,11 @@ def _payloads_and_encoder(
 
 
 async def score_inputs(engine: ScoringEngine, model: ServedModel, body: Any,
-                       max_items: int) -> tuple[list[float], int]:
+                       settings: ServiceSettings) -> tuple[list[float], int]:
     """Raw rewards of a pooling-style request's inputs, in order, and the tokens scored."""
     payloads, encode = _payloads_and_encoder(model.rm, body)
-    check_item_count(len(payloads), max_items)
-    return await encode_and_score(engine, model, payloads, encode)
+    check_item_count(len(payloads), settings.max_items)
+    return await encode_and_score(engine, model, payloads, encode, settings.item_char_limit)
 
 
 def check_pooling_task(body: PoolingRequest) -> None:

@@ -3,12 +3,14 @@ module and ``service.deps``, never each other)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StringConstraints,
     TypeAdapter,
     create_model,
@@ -20,6 +22,39 @@ from worker.specs import PUBLIC_SPECS, JobSpec
 
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 MAX_ADAPT_PROMPTS = 10_000
+# JSON can carry "\ud800" (half of a UTF-16 pair): Python keeps it in a str, and every encoder
+# (tokenizers, the filesystem) then fails on it. It is not text: refuse it at the door.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: Any, where: str = "body") -> str | None:
+    """Where in a parsed JSON body a string holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        return where if _LONE_SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = lone_surrogate_at(key, where) or lone_surrogate_at(item, f"{where}.{key}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = lone_surrogate_at(item, f"{where}[{index}]")
+            if found:
+                return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """Base of the top-level request models: a body is valid Unicode text throughout."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where.removeprefix('body.')} holds a lone UTF-16 surrogate (such as "
+                             "\\ud800), which is not text; send valid Unicode")
+        return data
 
 
 # ---------------------------------------------------------------------- errors
@@ -52,7 +87,7 @@ class Conversation(BaseModel):
     messages: list[Message] = Field(min_length=1)
 
 
-class ScoreRequest(BaseModel):
+class ScoreRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "items": [
             {"prompt": "What is 2+2?", "response": "4"},
@@ -64,9 +99,9 @@ class ScoreRequest(BaseModel):
         min_length=1, description="{prompt, response} or {messages} objects"
     )
     model: str | None = Field(None, description="name[@version|:alias]; default: the served RM")
-    normalize: bool = Field(False, description="(r - mean) / std with the reward statistics "
+    normalize: StrictBool = Field(False, description="(r - mean) / std with the reward statistics "
                             "stored with the model version at training time")
-    truncate: bool = Field(True, description="drop the prompt's beginning of an over-long item; "
+    truncate: StrictBool = Field(True, description="drop the prompt's beginning of an over-long item; "
                            "false refuses it with 422")
 
 
@@ -93,13 +128,13 @@ class ConversationPair(BaseModel):
     messages_b: list[Message] = Field(min_length=1)
 
 
-class PreferenceRequest(BaseModel):
+class PreferenceRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "items": [{"prompt": "Say something kind.", "a": "You did great today.", "b": "Whatever."}],
     }]})
     items: list[PromptPair | ConversationPair] = Field(min_length=1)
     model: str | None = None
-    truncate: bool = True
+    truncate: StrictBool = True
 
 
 class PreferenceResult(BaseModel):
@@ -114,7 +149,7 @@ class PreferenceResponse(BaseModel):
     usage: Usage
 
 
-class GetRewardRequest(BaseModel):
+class GetRewardRequest(RequestBody):
     """OpenRLHF's remote reward-model request."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
@@ -142,7 +177,7 @@ class PoolingUsage(BaseModel):
     prompt_tokens_details: None = None
 
 
-class PoolingRequestBase(BaseModel):
+class PoolingRequestBase(RequestBody):
     """What ``/classify`` and ``/pooling`` share with vLLM's pooling requests. Fields vLLM has
     and this service does not use (``user``, ``priority``, ``request_id``, ``padding``,
     ``truncation_side``, ``add_special_tokens``, ``cache_salt``, ...) are accepted and ignored,
@@ -159,10 +194,10 @@ class PoolingRequestBase(BaseModel):
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1, description="k > 0 keeps the last k tokens, -1 the last max_input_tokens; "
         "unset refuses an over-long input with 422 (as vLLM does)")
-    use_activation: bool | None = Field(
+    use_activation: StrictBool | None = Field(
         None, description="true (default): probs = [sigmoid(reward)]; false: probs = [reward]")
-    activation: bool | None = Field(None, description="old name of use_activation (veRL sends it)")
-    softmax: bool | None = Field(None, description="older name of use_activation")
+    activation: StrictBool | None = Field(None, description="old name of use_activation (veRL sends it)")
+    softmax: StrictBool | None = Field(None, description="older name of use_activation")
 
     @field_validator("input", mode="before")
     @classmethod
@@ -243,7 +278,7 @@ class PoolingResponse(BaseModel):
     usage: PoolingUsage
 
 
-class EmbeddingsRequest(BaseModel):
+class EmbeddingsRequest(RequestBody):
     """SGLang's ``/v1/embeddings`` for a reward model (veRL's sglang reward path)."""
 
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
@@ -298,7 +333,7 @@ JOB_SUBMISSIONS = tuple(_job_model(spec_cls) for spec_cls in PUBLIC_SPECS)
 JobSubmission = Annotated[Union[JOB_SUBMISSIONS], Field(discriminator="kind")]  # noqa: UP007
 
 
-class JobRequest(BaseModel):
+class JobRequest(RequestBody):
     """``{"kind", "spec"}``. Documented as the union of the typed specs per kind
     (:data:`JobSubmission`); parsed loosely here because the kind's own validator
     (``worker.kinds``) checks the spec and names every problem in its 422."""
@@ -320,7 +355,7 @@ class JobRequest(BaseModel):
         return schema
 
 
-class AdaptRequest(BaseModel):
+class AdaptRequest(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
         "domain": "cooking", "prompts": ["How do I keep basil fresh?"],
         "params": {"steps": 50, "responses_per_prompt": 4},
@@ -362,6 +397,6 @@ class JobAccepted(BaseModel):
 
 
 # ---------------------------------------------------------------------- models
-class AliasRequest(BaseModel):
+class AliasRequest(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"version": "v2"}]})
     version: str | int

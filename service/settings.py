@@ -30,9 +30,23 @@ class ServiceSettings(WorkerSettings):
     max_batch_size: int = Field(64, ge=1, description="Items per forward pass.")
     max_queue: int = Field(256, ge=1, description="Requests waiting before 429.")
     max_input_tokens: int = Field(512, ge=8, description="Tokens per scored item.")
+    max_input_chars: int | None = Field(
+        None, ge=64, description="Characters an item may carry before it is tokenized; longer "
+        "items are refused (422) without being tokenized. Default: 64 x MAX_INPUT_TOKENS.")
     max_items: int = Field(256, ge=1, description="Items per request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    allow_untrained_head: bool = Field(
+        False, description="Serve a model whose reward head would be newly initialised (a causal "
+        "LM, a bare encoder). Off: such a model is refused with a clear error. The packaged demo "
+        "short names (minilm) are always allowed.")
+    reward_label: str | None = Field(
+        None, description="For a classifier with several labels: the index or name of the label "
+        "whose logit is the reward.")
+    trust_remote_code: bool = Field(
+        False, description="Load models that ship their own modeling code.")
+    public_docs: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json without the API key.")
     model_poll_seconds: float = Field(
         2.0, gt=0, description="How often the API checks the registry for a moved alias."
     )
@@ -42,6 +56,10 @@ class ServiceSettings(WorkerSettings):
     stack_redis_port: int = Field(
         6390, ge=1, le=65535, description="Port of the redis-server that `generalrm up` / `make "
         "run` start (not 6379, so that a system Redis is left alone).")
+
+    @property
+    def item_char_limit(self) -> int:
+        return self.max_input_chars or 64 * self.max_input_tokens
 
     @model_validator(mode="after")
     def _check_budget(self) -> Self:

@@ -20,6 +20,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests import tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def models_from_the_test_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Jobs may load local models only from allowed roots (GENERALRM_MODEL_ROOTS): the tests'
+    tiny models live in pytest's temporary tree, so that is one (workers inherit it)."""
+    previous = os.environ.get("GENERALRM_MODEL_ROOTS")
+    os.environ["GENERALRM_MODEL_ROOTS"] = str(tmp_path_factory.getbasetemp())
+    yield
+    if previous is None:
+        os.environ.pop("GENERALRM_MODEL_ROOTS", None)
+    else:
+        os.environ["GENERALRM_MODEL_ROOTS"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.build_encoder_rm(tmp_path_factory.mktemp("tiny-encoder-rm"))

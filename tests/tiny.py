@@ -64,6 +64,8 @@ def encoder_tokenizer() -> PreTrainedTokenizerFast:
         cls_token="[CLS]",
         sep_token="[SEP]",
         model_max_length=128,
+        # as BERT's: a (prompt, response) pair is two segments the model tells apart
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
 
 

@@ -57,6 +57,28 @@ def write_jsonl_atomic(path: Path | str, rows: Iterable[Any]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def create_file_atomic(path: Path | str, data: bytes) -> bool:
+    """Write ``data`` to ``path`` only if no file is there: never overwrites. Returns True when
+    written, False when ``path`` already holds exactly ``data`` (a repeated write, e.g. after a
+    crash); FileExistsError when it holds anything else."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails if the name is taken
+        except FileExistsError:
+            if path.read_bytes() == data:
+                return False
+            raise
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def replace_dir(target: Path | str, write: Callable[[Path], Any]) -> Path:
     """``write(tmp)`` fills a fresh sibling directory, which then replaces ``target`` whole."""
     target = Path(target)

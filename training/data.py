@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import benchdata
 
-PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "domain")
+PAIR_FIELDS = ("id", "prompt", "chosen", "rejected", "domain", "margin")
 PARTS = ("train", "test")
 
 
@@ -36,19 +36,51 @@ class DataError(ValueError):
         self.line = line
 
 
+Messages = list[dict[str, str]]
+
+
 @dataclass
 class PreferencePair:
+    """``chosen`` is preferred to ``rejected`` as an answer to ``prompt``.
+
+    ``prompt``, ``chosen`` and ``rejected`` are text (what a policy reads, what a table
+    shows). A conversational pair (TRL's message format) also keeps its messages, so that a
+    reward model scores the conversation itself: every RM call site scores
+    :meth:`chosen_item` / :meth:`rejected_item`, which the RM renders with its one rendering
+    function (its chat template, or a text pair), in training as in serving. ``margin`` is
+    TRL's per-pair margin column.
+    """
+
     prompt: str
     chosen: str
     rejected: str
     domain: str | None = None
     id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    margin: float | None = None
+    messages: tuple[Messages, Messages, Messages] | None = None  # (prompt, chosen, rejected)
 
     @property
     def flipped(self) -> bool:
         """Label noise was planted here: chosen/rejected are swapped relative to gold."""
         return bool(self.meta.get("flipped", False))
+
+    def _item(self, response: str, response_messages: Messages | None) -> dict[str, Any]:
+        if self.messages is None:
+            return {"prompt": self.prompt, "response": response}
+        return {"messages": [*self.messages[0], *response_messages]}
+
+    def chosen_item(self) -> dict[str, Any]:
+        """What the RM scores for the chosen side."""
+        return self._item(self.chosen, self.messages[1] if self.messages else None)
+
+    def rejected_item(self) -> dict[str, Any]:
+        return self._item(self.rejected, self.messages[2] if self.messages else None)
+
+    def swapped(self) -> PreferencePair:
+        """The same pair with the labels the other way round (a flip)."""
+        messages = (self.messages[0], self.messages[2], self.messages[1]) if self.messages else None
+        return replace(self, chosen=self.rejected, rejected=self.chosen, messages=messages)
 
 
 def as_pair(pair: Any) -> PreferencePair:
@@ -58,7 +90,8 @@ def as_pair(pair: Any) -> PreferencePair:
     if isinstance(pair, Mapping):
         return PreferencePair(prompt=pair["prompt"], chosen=pair["chosen"],
                               rejected=pair["rejected"], domain=pair.get("domain"),
-                              id=pair.get("id"), meta=dict(pair.get("meta") or {}))
+                              id=pair.get("id"), meta=dict(pair.get("meta") or {}),
+                              margin=pair.get("margin"))
     return PreferencePair(prompt=pair.prompt, chosen=pair.chosen, rejected=pair.rejected,
                           domain=getattr(pair, "domain", None), id=getattr(pair, "id", None),
                           meta=dict(getattr(pair, "meta", None) or {}))
@@ -178,6 +211,8 @@ class _Row:
 
 # ----------------------------------------------------------------------------- pairs
 def _render_prompt(messages: Sequence[Mapping[str, str]]) -> str:
+    """A conversation's prompt as one text, for policies and tables; reward models score the
+    messages themselves (:meth:`PreferencePair.chosen_item`)."""
     if len(messages) == 1 and messages[0]["role"] == "user":
         return messages[0]["content"]
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
@@ -200,6 +235,7 @@ def _pair_from_row(row: _Row) -> PreferencePair:
         if value is None:
             raise row.fail(f"missing field '{name}'")
     meta: dict[str, Any] = {}
+    messages = None
     if isinstance(raw_chosen, str) and isinstance(raw_rejected, str):
         prompt = row.text("prompt")
         chosen, rejected = raw_chosen, raw_rejected
@@ -223,7 +259,7 @@ def _pair_from_row(row: _Row) -> PreferencePair:
             prompt_msgs = row.messages("prompt", raw_prompt)
         prompt = _render_prompt(prompt_msgs)
         chosen, rejected = _completion_text(chosen_msgs), _completion_text(rejected_msgs)
-        meta["prompt_messages"] = prompt_msgs
+        messages = (prompt_msgs, chosen_msgs, rejected_msgs)
     for name in ("gold_chosen", "gold_rejected"):
         value = row.number(name)
         if value is not None:
@@ -244,6 +280,8 @@ def _pair_from_row(row: _Row) -> PreferencePair:
         domain=row.text("domain", required=False),
         id=None if identifier is None else str(identifier),
         meta=meta,
+        margin=row.number("margin"),
+        messages=messages,
     )
 
 

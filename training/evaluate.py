@@ -39,10 +39,9 @@ def score_pairs(
     was_training = rm.model.training
     rm.model.eval()
     try:
-        items = [{"prompt": p.prompt, "response": p.chosen} for p in pairs]
-        items += [{"prompt": p.prompt, "response": p.rejected} for p in pairs]
+        items = [p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs]
         # Sorting by length keeps padding (and so CPU time) low; scores don't depend on batching.
-        encoded = [rm.encode(item) for item in items]
+        encoded = rm.encode_many(items)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         scores = [0.0] * len(encoded)
         for start in range(0, len(order), batch_size):

@@ -14,12 +14,19 @@ wrong, a half-deleted version) is never listed nor resolved.
 
 References: ``name`` (alias ``production`` if set, else ``latest``, else the newest
 version), ``name@v3`` (or ``name@3``), ``name:alias``.
+
+Integrity: ``generalrm.json`` records the sha256 of every file of the version (``files``) when
+it is published; :func:`verify_files` checks them before a version is loaded, so a version
+whose weights were damaged after publication (zero-filled, truncated) is never served.
+``{name}/.last-served`` names the version a server last loaded: where a served alias falls back
+when its target cannot load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -49,6 +56,42 @@ class RegistryError(Exception):
 
 class ModelNotFoundError(RegistryError, _PretrainedNotFoundError):
     """A registry reference names no complete version (also a ``training.models`` one)."""
+
+
+class IntegrityError(RegistryError):
+    """A version's files differ from the digests recorded when it was published."""
+
+
+LAST_SERVED_FILE = ".last-served"
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every file of a model directory but its metadata."""
+    digests = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if relative == METADATA_FILE:
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+        digests[relative] = digest.hexdigest()
+    return digests
+
+
+def verify_files(directory: Path | str, metadata: dict[str, Any], label: str) -> None:
+    """Raise :class:`IntegrityError` when a file recorded in ``metadata["files"]`` is missing
+    or differs (versions published before digests were recorded are not checked)."""
+    recorded = metadata.get("files")
+    if not isinstance(recorded, dict):
+        return
+    found = file_digests(Path(directory))
+    damaged = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+    if damaged:
+        raise IntegrityError(
+            f"{label}: {', '.join(damaged)} differ from the digests recorded when it was "
+            "published (damaged or changed on disk); it is not loaded")
 
 
 def check_name(name: str, what: str = "model name") -> str:
@@ -252,7 +295,7 @@ class Registry:
                 return self.get(name, target)
         versions = self.versions(name)
         if not versions:
-            raise ModelNotFoundError(f"no model {name!r} in the registry at {self.root}")
+            raise ModelNotFoundError(f"no model {name!r} in the registry")
         return versions[-1]
 
     def try_resolve(self, reference: str) -> ModelVersion | None:
@@ -304,6 +347,7 @@ class Registry:
             # a copy, not a move: a crash here must leave the job's output for its resume
             shutil.copytree(source, tmp)
             (tmp / METADATA_FILE).unlink(missing_ok=True)
+            metadata = {**metadata, "files": file_digests(tmp)}
             published = self._rename_into_place(name, tmp, metadata, kind, version)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -375,6 +419,34 @@ class Registry:
         write_text_atomic(self._model_dir(name) / ALIASES_DIR / alias, target.version + "\n")
         return target
 
+    def record_served(self, name: str, version: str) -> None:
+        """Remember the version a server loaded and served (the fallback of a broken alias)."""
+        write_text_atomic(self._model_dir(name) / LAST_SERVED_FILE, version + "\n")
+
+    def last_served(self, name: str) -> ModelVersion | None:
+        try:
+            version = (self._model_dir(name) / LAST_SERVED_FILE).read_text().strip()
+        except OSError:
+            return None
+        return self._load(name, version) if _VERSION.match(version) else None
+
+    def resolve_if(self, reference: str, name: str, alias: str, version: str) -> ModelVersion:
+        """What ``reference`` would resolve to if ``name:alias`` pointed at ``version``
+        (a promotion is checked before the alias moves)."""
+        ref_name = reference.partition("@")[0].partition(":")[0]
+        follows = (ref_name == name and "@" not in reference
+                   and (reference == f"{name}:{alias}" or ":" not in reference))
+        if not follows:
+            return self.resolve(reference)
+        if ":" in reference:
+            return self.get(name, version)
+        # a bare name: production if set, else latest, else the newest version
+        for candidate in DEFAULT_ALIASES:
+            target = version if candidate == alias else self.alias_target(name, candidate)
+            if target is not None:
+                return self.get(name, target)
+        return self.resolve(reference)
+
     def delete_alias(self, name: str, alias: str) -> None:
         check_name(alias, "alias")
         (self._model_dir(name) / ALIASES_DIR / alias).unlink(missing_ok=True)
@@ -444,3 +516,12 @@ def resolve_model(reference: str, artifacts_dir: Path | str) -> ResolvedModel:
         return ResolvedModel(reference, path, name, "pretrained",
                              metadata if isinstance(metadata, dict) else {})
     return ResolvedModel(reference, path, reference, "hub", {})
+
+
+def resolve_verified(reference: str, artifacts_dir: Path | str) -> ResolvedModel:
+    """:func:`resolve_model`, and a registry version's files checked against their digests:
+    what a worker or the server calls right before loading a model."""
+    resolved = resolve_model(reference, artifacts_dir)
+    if resolved.from_registry:
+        verify_files(resolved.path, resolved.metadata, resolved.label)
+    return resolved

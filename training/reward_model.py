@@ -1,24 +1,40 @@
 """Load any ``AutoModelForSequenceClassification`` reward model and score items with it.
 
-The contract the service relies on: a score never depends on the batch it was computed in.
-Everything is right-padded with an attention mask. Encoders (BERT, DeBERTa, MiniLM) pool
-with their own head (CLS); decoders (GPT-2, Llama, Qwen, Mistral, ...) are pooled here, at
-the last *attended* position, from the per-position logits of their ``score`` head: the
-Hugging Face implementation locates the last token by searching for ``pad_token_id``, which
-picks the wrong token when the pad token doubles as EOS and the sequence ends in EOS.
+The contracts the service relies on:
+
+- A score never depends on the batch it was computed in. Everything is right-padded with an
+  attention mask. Encoders (BERT, DeBERTa, MiniLM) pool with their own head (CLS); decoders
+  (GPT-2, Llama, Qwen, Mistral, ...) are pooled here, at the last *attended* position, from
+  the per-position logits of their ``score`` head: the Hugging Face implementation locates the
+  last token by searching for ``pad_token_id``, which picks the wrong token when the pad token
+  doubles as EOS and the sequence ends in EOS.
+- A score is what the model computes: the model gets exactly what its tokenizer produces for
+  the rendered item, ``token_type_ids`` included (BERT-style encoders see a prompt/response
+  pair as two segments), so ``model(**tokenizer(prompt, response))`` gives the same number.
+- One rendering (:meth:`RewardModel.render`) serves training, evaluation and scoring.
+- A model is served only with a trained reward head: a causal LM or a bare encoder would get
+  a randomly initialised one, which is refused unless the caller allows a new head (trainers,
+  which train it; the packaged demo).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +62,27 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+class ModelLoadError(ValueError):
+    """A model directory or id that cannot serve as a reward model as it is (the message says
+    why and what to do)."""
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One item as the model takes it: its input ids and, for models whose tokenizer makes
+    them (BERT-style two-segment inputs), its token type ids."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
 
 
 @dataclass(frozen=True)
@@ -91,12 +128,16 @@ class RewardModel:
         *,
         name: str = "",
         max_input_tokens: int = 512,
+        reward_index: int = 0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.max_input_tokens = min(max_input_tokens, self._model_max_positions())
+        self.reward_index = reward_index  # the label whose logit is the reward
         self.is_decoder = isinstance(getattr(model, "score", None), torch.nn.Module)
+        # BERT-style encoders tell the two segments of a (prompt, response) pair apart
+        self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self._ensure_pad_token()
         self._lead_ids = {
             i for i in (tokenizer.bos_token_id, tokenizer.cls_token_id) if i is not None
@@ -113,23 +154,57 @@ class RewardModel:
         max_input_tokens: int = 512,
         name: str | None = None,
         seed: int = 0,
+        allow_new_head: bool = True,
+        reward_label: int | str | None = None,
+        trust_remote_code: bool = False,
         **model_kwargs: Any,
     ) -> RewardModel:
         """Load from a local directory or a hub id.
 
-        A backbone without a trained scalar head (e.g. a sentence encoder) gets a freshly
-        initialised one; ``seed`` makes that head the same on every load.
+        A backbone without a trained scalar head (a sentence encoder, a causal LM) gets a
+        freshly initialised one (seeded by ``seed``, so every load makes the same head) when
+        ``allow_new_head`` is true, which is what a trainer wants; otherwise it is refused with
+        :class:`ModelLoadError`, which is what a server wants. A classifier with several
+        labels needs ``reward_label``: the index or name of the label whose logit is the reward.
         """
+        source = str(path_or_id)
+        local = Path(source)
+        if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{name or source}: the directory holds no tokenizer files; save the tokenizer "
+                "with the model (tokenizer.save_pretrained(dir))")
         torch_device = pick_device(device)
         torch_dtype = pick_dtype(dtype, torch_device)
-        tokenizer = AutoTokenizer.from_pretrained(str(path_or_id))
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc):
+                raise ModelLoadError(
+                    f"{name or source}: the model ships its own code; load it only if you trust "
+                    "it (trust_remote_code, GENERALRM_TRUST_REMOTE_CODE=true)") from None
+            raise
+        classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+        num_labels = config.num_labels if classifier else 1
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path_or_id), num_labels=1, dtype=torch_dtype, **model_kwargs
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, num_labels=num_labels, dtype=torch_dtype, output_loading_info=True,
+                trust_remote_code=trust_remote_code, **model_kwargs,
             )
+        # any weight the checkpoint lacks is random: the head, or a pooler the head reads
+        new_head = sorted(info.get("missing_keys", ()))
+        if new_head and not allow_new_head:
+            kind = ", ".join(config.architectures or [config.model_type])
+            raise ModelLoadError(
+                f"{name or source} ({kind}) has no trained reward head: its {new_head[0]} would "
+                "be randomly initialised and every score meaningless. Serve a reward model (a "
+                "sequence classifier, e.g. one trained with the train_rm job), or allow an "
+                "untrained head explicitly (GENERALRM_ALLOW_UNTRAINED_HEAD=true)")
         model.to(torch_device).eval()
-        return cls(model, tokenizer, name=name or str(path_or_id), max_input_tokens=max_input_tokens)
+        index = reward_index(model.config, reward_label, name or source)
+        return cls(model, tokenizer, name=name or source, max_input_tokens=max_input_tokens,
+                   reward_index=index)
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.model.save_pretrained(str(directory), safe_serialization=True)
@@ -169,89 +244,87 @@ class RewardModel:
             return ItemText(text=prompt + response)
         return ItemText(text=prompt, pair=response)
 
-    def encode(self, item: Item, *, truncate: bool = True) -> list[int]:
+    def encode(self, item: Item, *, truncate: bool = True) -> Encoded:
         """Token ids of one item, left-truncated so that the response survives."""
-        rendered = self.render(item)
-        ids = self.tokenizer(
-            rendered.text,
-            rendered.pair,
-            add_special_tokens=not rendered.has_bos,  # the template's own BOS, not a second one
-        )["input_ids"]
-        return self._fit(ids, truncate)
+        return self.encode_many([item], truncate=truncate)[0]
 
-    def encode_many(self, items: Sequence[Item], *, truncate: bool = True) -> list[list[int]]:
+    def encode_many(self, items: Sequence[Item], *, truncate: bool = True) -> list[Encoded]:
         """``encode`` for many items with one batched tokenizer call per kind of input (the
         fast tokenizer then works outside the GIL); the ids are the same as one by one."""
         rendered = [self.render(item) for item in items]
         groups: dict[tuple[bool, bool], list[int]] = {}
         for index, r in enumerate(rendered):
             groups.setdefault((r.has_bos, r.pair is not None), []).append(index)
-        encoded: list[list[int]] = [[] for _ in rendered]
+        encoded: list[Encoded] = [Encoded([]) for _ in rendered]
         for (has_bos, paired), indices in groups.items():
             texts = [rendered[i].text for i in indices]
             pairs = [rendered[i].pair for i in indices] if paired else None
-            ids = self.tokenizer(texts, pairs, add_special_tokens=not has_bos)["input_ids"]
-            for i, row in zip(indices, ids, strict=True):
-                encoded[i] = self._fit(row, truncate)
+            # the template's own BOS, not a second one
+            out = self.tokenizer(texts, pairs, add_special_tokens=not has_bos)
+            types = out.get("token_type_ids") if self.uses_token_types else None
+            for row, i in enumerate(indices):
+                encoded[i] = self._fit(out["input_ids"][row], types[row] if types else None, truncate)
         return encoded
 
-    def encode_text(self, text: str, *, truncate: bool = True) -> list[int]:
+    def encode_text(self, text: str, *, truncate: bool = True) -> Encoded:
         """Token ids of an already formatted text (OpenRLHF's ``query``)."""
         tok = self.tokenizer
         if tok.pad_token and tok.pad_token != tok.eos_token:
-            # OpenRLHF decodes left-padded batches with special tokens kept.
-            while text.startswith(tok.pad_token):
-                text = text[len(tok.pad_token) :]
-            while text.endswith(tok.pad_token):
-                text = text[: -len(tok.pad_token)]
+            text = strip_repeats(text, tok.pad_token)  # OpenRLHF ≤ 0.8 sent padded batches
         has_bos = bool(tok.bos_token) and text.startswith(tok.bos_token)
-        ids = tok(text, add_special_tokens=not has_bos)["input_ids"]
-        return self._fit(ids, truncate)
+        out = tok(text, add_special_tokens=not has_bos)
+        types = out.get("token_type_ids") if self.uses_token_types else None
+        return self._fit(out["input_ids"], types, truncate)
 
-    def _fit(self, ids: list[int], truncate: bool) -> list[int]:
+    def _fit(self, ids: list[int], types: list[int] | None, truncate: bool) -> Encoded:
         limit = self.max_input_tokens
         if len(ids) <= limit:
-            return ids
+            return Encoded(list(ids), list(types) if types is not None else None)
         if not truncate:
             raise InputTooLongError(
                 f"an item has {len(ids)} tokens, more than max_input_tokens={limit}; "
                 "shorten it or send truncate=true to drop the prompt's beginning"
             )
         lead = 1 if ids and ids[0] in self._lead_ids else 0
-        return ids[:lead] + ids[len(ids) - (limit - lead) :]
+        keep = [*range(lead), *range(len(ids) - (limit - lead), len(ids))]
+        return Encoded([ids[k] for k in keep], [types[k] for k in keep] if types is not None else None)
 
     # ------------------------------------------------------------------ scoring
-    def pad(self, batch: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids in batch)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    def pad(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs of a batch: input_ids, attention_mask (and token_type_ids)."""
+        width = max(len(item) for item in batch)
+        input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, ids in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            mask[row, : len(ids)] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        for row, item in enumerate(batch):
+            input_ids[row, : len(item)] = torch.as_tensor(item.input_ids, dtype=torch.long)
+            mask[row, : len(item)] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if self.uses_token_types:
+            types = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, item in enumerate(batch):
+                if item.token_type_ids is not None:
+                    types[row, : len(item)] = torch.as_tensor(item.token_type_ids, dtype=torch.long)
+            inputs["token_type_ids"] = types
+        device = self.device
+        return {key: value.to(device) for key, value in inputs.items()}
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        inputs: Mapping[str, torch.Tensor],
         *,
         return_features: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rewards of shape (B,), differentiable; optionally the pooled features (B, H).
 
-        The features are the hidden state the head reads: the last attended token for
-        decoders, the first token for encoders.
+        ``inputs`` come from :meth:`pad`. The features are the hidden state the head reads:
+        the last attended token for decoders, the first token for encoders.
         """
-        last = attention_mask.sum(dim=1) - 1
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        last = inputs["attention_mask"].sum(dim=1) - 1
+        rows = torch.arange(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
         with self._capture_score_logits() as captured:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=return_features,
-            )
-        rewards = captured["logits"][rows, last, 0] if self.is_decoder else out.logits[:, 0]
+            out = self.model(**inputs, output_hidden_states=return_features)
+        k = self.reward_index
+        rewards = captured["logits"][rows, last, k] if self.is_decoder else out.logits[:, k]
         if not return_features:
             return rewards
         hidden = out.hidden_states[-1]
@@ -276,21 +349,52 @@ class RewardModel:
 
     def rewards(self, items: Sequence[Item], *, truncate: bool = True) -> torch.Tensor:
         """Differentiable rewards of ``items`` in one padded forward pass, shape (B,)."""
-        input_ids, mask = self.pad([self.encode(item, truncate=truncate) for item in items])
-        return self.forward(input_ids, mask)
+        return self.forward(self.pad(self.encode_many(items, truncate=truncate)))
 
     @torch.inference_mode()
-    def score_ids(self, batch: Sequence[Sequence[int]]) -> list[float]:
+    def score_ids(self, batch: Sequence[Encoded]) -> list[float]:
         """Scores of one padded forward pass over already encoded items."""
-        input_ids, mask = self.pad(batch)
-        return self.forward(input_ids, mask).float().cpu().tolist()
+        return self.forward(self.pad(batch)).float().cpu().tolist()
 
     def score(
         self, items: Sequence[Item], *, truncate: bool = True, batch_size: int = 32
     ) -> list[float]:
         """Score items in order (convenience for scripts; the service batches by tokens)."""
-        encoded = [self.encode(item, truncate=truncate) for item in items]
+        encoded = self.encode_many(items, truncate=truncate)
         scores: list[float] = []
         for start in range(0, len(encoded), batch_size):
             scores.extend(self.score_ids(encoded[start : start + batch_size]))
         return scores
+
+
+def reward_index(config: PretrainedConfig, reward_label: int | str | None, name: str) -> int:
+    """The logit that is the reward: the only one of a single-label head, or the label the
+    caller names (index or name) of a multi-label classifier."""
+    labels = int(config.num_labels)
+    if reward_label is None:
+        if labels == 1:
+            return 0
+        raise ModelLoadError(
+            f"{name} is a classifier with {labels} labels ({dict(config.id2label)}); say which "
+            "label's logit is the reward (reward_label, GENERALRM_REWARD_LABEL: an index or a "
+            "label name)")
+    if isinstance(reward_label, str) and not reward_label.lstrip("-").isdigit():
+        by_name = {str(v): int(k) for k, v in config.id2label.items()}
+        if reward_label not in by_name:
+            raise ModelLoadError(f"{name}: no label {reward_label!r}; labels are {sorted(by_name)}")
+        return by_name[reward_label]
+    index = int(reward_label)
+    if not 0 <= index < labels:
+        raise ModelLoadError(f"{name}: reward label index {index} is outside 0..{labels - 1}")
+    return index
+
+
+def strip_repeats(text: str, unit: str) -> str:
+    """``text`` without leading and trailing repeats of ``unit``, in linear time and in C (a
+    loop of slices copies the string once per repeat: quadratic, 100 s on a 4 MB query; a
+    Python loop over the repeats holds the GIL against the event loop)."""
+    repeats = re.compile(f"(?:{re.escape(unit)})*")
+    start = repeats.match(text).end()
+    backwards = re.compile(f"(?:{re.escape(unit[::-1])})*")
+    tail = backwards.match(text[::-1], 0, len(text) - start).end()
+    return text[start : len(text) - tail]

@@ -15,6 +15,7 @@ Record shape (JSON-ready)::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 from urllib.parse import urlsplit
@@ -61,7 +62,7 @@ class JobClient:
 
     def __init__(self, settings: WorkerSettings | None = None) -> None:
         self.settings = settings or WorkerSettings()
-        self.store = JobStore.from_url(self.settings.redis_url)
+        self.store = JobStore.from_url(self.settings.redis_url, self.settings.job_retention_seconds)
         self._celery = None
 
     @property
@@ -104,7 +105,16 @@ class JobClient:
             # not accepted after all: no record of a job that no worker will ever see
             self.store.delete(job_id)
             raise
+        self._wait_until_durable()
         return record
+
+    def _wait_until_durable(self) -> None:
+        """On Redis >= 7.2 with the append-only file on, wait (≤ 1 s) until the record and the
+        message are fsynced, so that a 202 survives a crash of Redis right after it. Older
+        Redis (or AOF off): the README says what persistence then guarantees."""
+        # a ResponseError: an unknown command (Redis < 7.2), or appendonly disabled
+        with contextlib.suppress(redis.exceptions.ResponseError):
+            self.store.redis.execute_command("WAITAOF", 1, 0, 1000)
 
     @_unavailable_as_503
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -122,11 +132,18 @@ class JobClient:
     def cancel(self, job_id: str) -> dict[str, Any] | None:
         """Cancel: a queued job is ``cancelled`` at once; a running one gets
         ``cancel_requested: true`` and turns ``cancelled`` when its trainer stops at the next
-        step (checkpoint kept, nothing published); a finished job is returned unchanged.
+        step (checkpoint kept, nothing published) — or, when the cancel comes after it published
+        its results, stays ``succeeded`` with a ``cancel_outcome`` saying so; a job that had
+        already ended is returned unchanged, with ``cancel_outcome`` saying it came too late.
         None for an unknown id."""
-        if self.store.cancel(job_id) == "missing":
+        outcome = self.store.cancel(job_id)
+        if outcome == "missing":
             return None
-        return self.store.get(job_id)
+        record = self.store.get(job_id)
+        if record is not None and outcome.startswith("ended:"):
+            ended = outcome.removeprefix("ended:")
+            record["cancel_outcome"] = f"too late: the job had already ended ({ended}); nothing changed"
+        return record
 
     @_unavailable_as_503
     def reap_stale(self) -> list[dict[str, Any]]:

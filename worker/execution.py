@@ -42,7 +42,7 @@ def execute_job(
     it), finished (already final), exhausted (attempt cap), missing or lease_lost."""
     settings = settings or WorkerSettings()
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
-    store = JobStore.from_url(settings.redis_url)
+    store = JobStore.from_url(settings.redis_url, settings.job_retention_seconds)
     record = store.get(job_id)
     if record is None:
         log.warning("job %s: no record in the job store; dropping the message", job_id)
@@ -66,7 +66,8 @@ def execute_job(
 
     with Heartbeat(store, job_id, token, settings.job_heartbeat_seconds,
                    settings.job_stale_seconds) as heartbeat:
-        callback = JobCallback(store, job_id, token, heartbeat, worker_name)
+        callback = JobCallback(store, job_id, token, heartbeat, worker_name,
+                               base_progress={"resumed_from_step": resumed_from})
 
         def check_owner() -> None:
             if heartbeat.lost.is_set() or store.lease_holder(job_id) != token:
@@ -78,6 +79,7 @@ def execute_job(
                 job_id=job_id, spec=record["spec"], run_dir=run_dir, settings=settings,
                 callback=callback, attempt=claim.attempt,
                 registry=Registry.from_artifacts(settings.artifacts_dir), check_owner=check_owner,
+                stop_requested=lambda: callback.should_stop(fresh=True),
             ))
         except TrainingCancelled as exc:
             if callback.lease_lost:

@@ -67,9 +67,10 @@ class JobCallback:
     is shutting down (``drain_seen``: the job goes back to the queue, not to cancelled)."""
 
     def __init__(self, store: JobStore, job_id: str, token: str, heartbeat: Heartbeat,
-                 worker: str) -> None:
+                 worker: str, base_progress: dict[str, Any] | None = None) -> None:
         self.store, self.job_id, self.token, self.heartbeat = store, job_id, token, heartbeat
         self.worker = worker
+        self.base_progress = dict(base_progress or {})  # kept in every write (resumed_from_step)
         self.cancel_seen = False
         self.drain_seen = False
         self._last_write = 0.0
@@ -86,18 +87,20 @@ class JobCallback:
         self._last_write = now
         shown = {k: float(v) for k, v in metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)}
-        progress = {"step": step, "total": total, **shown}
+        progress = {**self.base_progress, "step": step, "total": total, **shown}
         try:
             if not self.store.update_if_owner(self.job_id, self.token, progress=progress):
                 self.heartbeat.lost.set()
         except RedisError as exc:  # progress is best effort; the heartbeat judges the lease
             log.warning("job %s: progress not recorded (%s)", self.job_id, exc)
 
-    def should_stop(self) -> bool:
+    def should_stop(self, *, fresh: bool = False) -> bool:
+        """``fresh``: read the store now, not a value up to CANCEL_CHECK_SECONDS old (before a
+        job makes its results visible)."""
         if self.lease_lost or self.cancel_seen or self.drain_seen:
             return True
         now = time.monotonic()
-        if now - self._last_cancel_check >= CANCEL_CHECK_SECONDS:
+        if fresh or now - self._last_cancel_check >= CANCEL_CHECK_SECONDS:
             self._last_cancel_check = now
             try:
                 self.cancel_seen, self.drain_seen = self.store.stop_requests(self.job_id, self.worker)

@@ -8,9 +8,10 @@ registry, and so must agree with the workers on all of it.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
@@ -35,6 +36,14 @@ class WorkerSettings(BaseSettings):
     visibility_timeout_seconds: int = Field(
         7 * 24 * 3600, ge=60, description="Broker visibility timeout; above the longest job."
     )
+    job_resend_seconds: float = Field(
+        30.0, gt=0, description="A queued job whose message is in no broker queue this long after "
+        "its last change is sent again (a message lost in a Redis crash).")
+    job_retention_seconds: int = Field(
+        7 * 24 * 3600, ge=60, description="Finished job records expire this long after they end.")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Directories (besides the artifacts and data "
+        "directories) that jobs may load local models from; comma-separated in the environment.")
 
     @field_validator("device")
     @classmethod
@@ -43,6 +52,19 @@ class WorkerSettings(BaseSettings):
             return value
         raise ValueError(f"device must be auto, cpu, mps, cuda or cuda:N, not {value!r}")
 
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(",") if part.strip()]
+        return value
+
     @property
     def resolved_data_dir(self) -> Path:
         return (self.data_dir or self.artifacts_dir / "data").resolve()
+
+    @property
+    def allowed_model_roots(self) -> list[Path]:
+        """Where jobs may load local model directories from."""
+        return [self.artifacts_dir.resolve(), self.resolved_data_dir,
+                *(root.resolve() for root in self.model_roots)]

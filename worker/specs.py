@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
-from training.callbacks import TrainerCallback
+from training.callbacks import TrainerCallback, TrainingCancelled
 from training.registry import Registry
 from worker.settings import WorkerSettings
 
@@ -27,9 +34,15 @@ class SpecError(ValueError):
 
 
 # ---------------------------------------------------------------------- field types
-DataPath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("a path or reference cannot contain a NUL character")
+    return value
+
+
+DataPath = Annotated[str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 """A dataset path relative to the data directory (``GENERALRM_DATA_DIR``)."""
-ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+ModelRef = Annotated[str, StringConstraints(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 """A model reference: short name, registry ``name[@version|:alias]``, local directory, hub id."""
 RegistryName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -67,7 +80,8 @@ def _describe(cls: type[JobSpec], exc: ValidationError) -> str:
         if error["type"] == "missing":
             parts.append(f"{where}: required")
         else:
-            parts.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+            message = str(error["msg"]).removeprefix("Value error, ")
+            parts.append(f"{where}: {message} (got {error.get('input')!r})")
     return "; ".join(parts)
 
 
@@ -189,11 +203,22 @@ class JobContext:
     attempt: int
     registry: Registry
     check_owner: Any = None  # () -> None; raises LeaseLost when another worker took the job
+    stop_requested: Any = None  # () -> bool, read from the store now (not a cached value)
 
     def ensure_owner(self) -> None:
         """Call before anything visible outside the run dir (publishing a version)."""
         if self.check_owner is not None:
             self.check_owner()
+
+    def before_publish(self) -> None:
+        """The last moment a job may still stop: it still owns the job, and no cancel (or
+        shutdown) has been asked since its last step. After this it publishes, and a cancel
+        is answered as too late (``cancel_outcome`` in the record)."""
+        self.ensure_owner()
+        asked = self.stop_requested() if self.stop_requested else self.callback.should_stop()
+        if asked:
+            raise TrainingCancelled(latest_checkpoint_step(self.run_dir),
+                                    str(self.run_dir / "checkpoints"))
 
 
 def latest_checkpoint_step(run_dir: Path) -> int:

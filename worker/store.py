@@ -5,8 +5,11 @@ Keys (prefix ``generalrm:``)::
     job:{id}          hash; every field JSON-encoded (id, kind, queue, spec, status, attempt, ...)
     job:{id}:cancel   set by a cancel request, read by the running trainer at step boundaries
     job:{id}:lease    the token of the one worker running the job; expires unless heartbeats renew it
-    jobs              sorted set of job ids by creation time (listing)
+    jobs              sorted set of job ids by creation time (listing; pruned past the retention)
     jobs:active       set of ids not yet in a final state (what the reaper looks at)
+    jobs:counts       hash: jobs per status, moved by every transition (what /metrics reads)
+
+A finished record expires ``retention_seconds`` after it ends (GENERALRM_JOB_RETENTION_SECONDS).
 
 Every state transition is one Lua script, so the checks and the writes are atomic: a worker
 can only claim a job nobody holds, only the lease holder can write progress or a final
@@ -37,9 +40,24 @@ FIELDS = (
     "created_at", "updated_at", "finished_at",
 )
 
-# KEYS: record, lease, cancel, active   ARGV: token, lease_ms, now, max_attempts, worker, job_id,
-# exhausted_error
-_CLAIM = """
+# Every script that changes a status moves the per-status counters with it (COUNTS: a hash),
+# so /metrics reads one hash instead of every record; a record that reaches a final status
+# expires after the retention period (job_retention_seconds), with its cancel key.
+_PRELUDE = """
+local function move(counts, from, to)
+  if from == to then return end
+  if from then redis.call('HINCRBY', counts, from, -1) end
+  redis.call('HINCRBY', counts, to, 1)
+end
+local function expire_finished(record, cancel, ttl)
+  redis.call('EXPIRE', record, ttl)
+  redis.call('DEL', cancel)
+end
+"""
+
+# KEYS: record, lease, cancel, active, counts   ARGV: token, lease_ms, now, max_attempts, worker,
+# job_id, exhausted_error, retention
+_CLAIM = _PRELUDE + """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return {'missing'} end
 local status = cjson.decode(raw)
@@ -49,6 +67,8 @@ end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[3], 'finished_at', ARGV[3])
   redis.call('SREM', KEYS[4], ARGV[6])
+  move(KEYS[5], status, 'cancelled')
+  expire_finished(KEYS[1], KEYS[3], ARGV[8])
   return {'cancelled'}
 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {'owned'} end
@@ -58,10 +78,13 @@ if attempt > tonumber(ARGV[4]) then
     'finished_at', ARGV[3])
   redis.call('DEL', KEYS[2])
   redis.call('SREM', KEYS[4], ARGV[6])
+  move(KEYS[5], status, 'failed')
+  expire_finished(KEYS[1], KEYS[3], ARGV[8])
   return {'exhausted', tostring(attempt - 1)}
 end
 redis.call('HSET', KEYS[1], 'attempt', tostring(attempt), 'status', '"running"',
   'heartbeat', ARGV[3], 'worker', ARGV[5], 'updated_at', ARGV[3])
+move(KEYS[5], status, 'running')
 return {'claimed', tostring(attempt)}
 """
 
@@ -72,12 +95,20 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# KEYS: record, lease, active, cancel   ARGV: token, job_id, field1, value1, ...
-_FINISH_IF_OWNER = """
+# KEYS: record, lease, active, cancel, counts   ARGV: token, job_id, status, retention,
+# too_late_note, field1, value1, ...
+_FINISH_IF_OWNER = _PRELUDE + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('DEL', KEYS[2], KEYS[4])
+local previous = cjson.decode(redis.call('HGET', KEYS[1], 'status'))
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[3] == 'succeeded' and redis.call('EXISTS', KEYS[4]) == 1 then
+  -- a cancel that arrived after the results were published: said so, not silently dropped
+  redis.call('HSET', KEYS[1], 'cancel_outcome', ARGV[5])
+end
+redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[2])
+move(KEYS[5], previous, ARGV[3])
+expire_finished(KEYS[1], KEYS[4], ARGV[4])
 return 1
 """
 
@@ -89,8 +120,9 @@ redis.call('HSET', KEYS[1], 'heartbeat', ARGV[3])
 return 1
 """
 
-# KEYS: record, lease, cancel, active   ARGV: now, max_attempts, job_id, exhausted_error
-_REAP = """
+# KEYS: record, lease, cancel, active, counts   ARGV: now, max_attempts, job_id, exhausted_error,
+# retention
+_REAP = _PRELUDE + """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then redis.call('SREM', KEYS[4], ARGV[3]); return 'missing' end
 local status = cjson.decode(raw)
@@ -102,7 +134,8 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 'alive' end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'updated_at', ARGV[1], 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
-  redis.call('DEL', KEYS[3])
+  move(KEYS[5], status, 'cancelled')
+  expire_finished(KEYS[1], KEYS[3], ARGV[5])
   return 'cancelled'
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
@@ -110,38 +143,56 @@ if attempt >= tonumber(ARGV[2]) then
   redis.call('HSET', KEYS[1], 'status', '"failed"', 'error', ARGV[4], 'updated_at', ARGV[1],
     'finished_at', ARGV[1])
   redis.call('SREM', KEYS[4], ARGV[3])
+  move(KEYS[5], status, 'failed')
+  expire_finished(KEYS[1], KEYS[3], ARGV[5])
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'status', '"queued"', 'updated_at', ARGV[1])
+move(KEYS[5], status, 'queued')
 return 'requeued'
 """
 
-# KEYS: record, lease   ARGV: token, now
-_RELEASE_IF_OWNER = """
+# KEYS: record, lease, counts   ARGV: token, now
+_RELEASE_IF_OWNER = _PRELUDE + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '1')
 redis.call('HSET', KEYS[1], 'status', '"queued"', 'attempt', tostring(math.max(attempt - 1, 0)),
   'updated_at', ARGV[2])
 redis.call('DEL', KEYS[2])
+move(KEYS[3], 'running', 'queued')
 return 1
 """
 
-# KEYS: record, cancel, active   ARGV: now, job_id, ttl_seconds
-_CANCEL = """
+# KEYS: record, cancel, active, counts   ARGV: now, job_id, ttl_seconds, retention
+_CANCEL = _PRELUDE + """
 local raw = redis.call('HGET', KEYS[1], 'status')
 if not raw then return 'missing' end
 local status = cjson.decode(raw)
-if status == 'succeeded' or status == 'failed' or status == 'cancelled' then return status end
+if status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  return 'ended:' .. status
+end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
 redis.call('HSET', KEYS[1], 'cancel_requested', 'true', 'updated_at', ARGV[1])
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1])
   redis.call('SREM', KEYS[3], ARGV[2])
-  redis.call('DEL', KEYS[2])
+  move(KEYS[4], status, 'cancelled')
+  expire_finished(KEYS[1], KEYS[2], ARGV[4])
   return 'cancelled'
 end
 return 'cancelling'
 """
+
+# KEYS: record   ARGV: now. A queued job's message was sent again: its clock restarts.
+_TOUCH_IF_QUEUED = """
+local raw = redis.call('HGET', KEYS[1], 'status')
+if not raw or cjson.decode(raw) ~= 'queued' then return 0 end
+redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
+return 1
+"""
+
+CANCEL_TOO_LATE = ("too late: the job had already published its results when the cancel "
+                   "arrived; it is kept as succeeded")
 
 
 def record_time() -> str:
@@ -196,8 +247,10 @@ class ClaimResult:
 class JobStore:
     """Reads and atomic transitions of job records; knows nothing of Celery or training."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, retention_seconds: int = 7 * 24 * 3600) -> None:
         self.redis = client
+        self.retention_seconds = int(retention_seconds)
+        self._touch_if_queued = client.register_script(_TOUCH_IF_QUEUED)
         self._claim = client.register_script(_CLAIM)
         self._update_if_owner = client.register_script(_UPDATE_IF_OWNER)
         self._finish_if_owner = client.register_script(_FINISH_IF_OWNER)
@@ -207,12 +260,13 @@ class JobStore:
         self._release_if_owner = client.register_script(_RELEASE_IF_OWNER)
 
     @classmethod
-    def from_url(cls, url: str) -> JobStore:
+    def from_url(cls, url: str, retention_seconds: int = 7 * 24 * 3600) -> JobStore:
         # short timeouts: an API route must answer 503 quickly when Redis is gone, not hang
         return cls(
             redis.Redis.from_url(
                 url, socket_connect_timeout=2, socket_timeout=10, health_check_interval=15
-            )
+            ),
+            retention_seconds,
         )
 
     # ------------------------------------------------------------------ keys
@@ -234,6 +288,7 @@ class JobStore:
 
     INDEX_KEY = f"{PREFIX}jobs"
     ACTIVE_KEY = f"{PREFIX}jobs:active"
+    COUNTS_KEY = f"{PREFIX}jobs:counts"
 
     # ------------------------------------------------------------------ reads
     def ping(self) -> bool:
@@ -263,20 +318,19 @@ class JobStore:
         return found[:limit]
 
     def counts(self) -> dict[str, int]:
-        """Jobs per status (for ``/metrics``)."""
+        """Jobs per status (for ``/metrics``): one hash read, kept by the transitions. Queued
+        and running are the jobs now in that state; the final statuses count every job that
+        ended so, including records expired since."""
+        raw = self.redis.hgetall(self.COUNTS_KEY)
         counts = dict.fromkeys(STATUSES, 0)
-        # Only the status field of each record: a scrape must not pull every job's spec and
-        # metrics over the wire. Still O(jobs), and records never expire (README, job system).
-        ids = self.redis.zrange(self.INDEX_KEY, 0, -1)
-        for chunk in range(0, len(ids), 1000):
-            pipe = self.redis.pipeline(transaction=False)
-            for job_id in ids[chunk : chunk + 1000]:
-                pipe.hget(self.record_key(job_id.decode()), "status")
-            for raw in pipe.execute():
-                if raw is not None:
-                    status = json.loads(raw)  # fields are stored JSON-encoded
-                    counts[status] = counts.get(status, 0) + 1
+        for key, value in raw.items():
+            counts[key.decode() if isinstance(key, bytes) else key] = int(value)
         return counts
+
+    def prune_index(self) -> int:
+        """Drop listing entries of records that have expired (older than the retention)."""
+        horizon = time.time() - self.retention_seconds
+        return int(self.redis.zremrangebyscore(self.INDEX_KEY, 0, horizon))
 
     def active_ids(self) -> list[str]:
         return sorted(member.decode() for member in self.redis.smembers(self.ACTIVE_KEY))
@@ -318,6 +372,7 @@ class JobStore:
         pipe.hset(self.record_key(job_id), mapping=encoded)
         pipe.zadd(self.INDEX_KEY, {job_id: time.time()})
         pipe.sadd(self.ACTIVE_KEY, job_id)
+        pipe.hincrby(self.COUNTS_KEY, "queued", 1)
         pipe.execute()
         return record
 
@@ -327,7 +382,13 @@ class JobStore:
         pipe.delete(self.record_key(job_id), self.cancel_key(job_id), self.lease_key(job_id))
         pipe.zrem(self.INDEX_KEY, job_id)
         pipe.srem(self.ACTIVE_KEY, job_id)
+        pipe.hincrby(self.COUNTS_KEY, "queued", -1)
         pipe.execute()
+
+    def touch_if_queued(self, job_id: str) -> bool:
+        """Restart a queued job's clock (its message was just sent again)."""
+        return bool(self._touch_if_queued(keys=[self.record_key(job_id)],
+                                          args=[json.dumps(record_time())]))
 
     def claim(
         self, job_id: str, token: str, lease_seconds: float, max_attempts: int, worker: str
@@ -340,9 +401,9 @@ class JobStore:
         }
         reply = self._claim(
             keys=[self.record_key(job_id), self.lease_key(job_id), self.cancel_key(job_id),
-                  self.ACTIVE_KEY],
+                  self.ACTIVE_KEY, self.COUNTS_KEY],
             args=[token, int(lease_seconds * 1000), json.dumps(record_time()), max_attempts,
-                  json.dumps(worker), job_id, json.dumps(error)],
+                  json.dumps(worker), job_id, json.dumps(error), self.retention_seconds],
         )
         outcome = reply[0].decode()
         if outcome in ("claimed", "exhausted"):
@@ -364,21 +425,23 @@ class JobStore:
         """Write a final status and release the lease, if ``token`` still holds it."""
         if status not in FINAL_STATUSES:
             raise ValueError(f"{status!r} is not a final status")
+        now = record_time()
         fields.update(status=status)
-        fields.setdefault("updated_at", record_time())
-        fields.setdefault("finished_at", fields["updated_at"])
+        fields.setdefault("updated_at", now)
+        fields.setdefault("finished_at", now)
         return bool(
             self._finish_if_owner(
                 keys=[self.record_key(job_id), self.lease_key(job_id), self.ACTIVE_KEY,
-                      self.cancel_key(job_id)],
-                args=[token, job_id, *_encode(fields)],
+                      self.cancel_key(job_id), self.COUNTS_KEY],
+                args=[token, job_id, status, self.retention_seconds, json.dumps(CANCEL_TOO_LATE),
+                      *_encode(fields)],
             )
         )
 
     def release_if_owner(self, job_id: str, token: str) -> bool:
         """Hand a stopped (checkpointed) job back: status queued, this attempt not counted."""
         return bool(self._release_if_owner(
-            keys=[self.record_key(job_id), self.lease_key(job_id)],
+            keys=[self.record_key(job_id), self.lease_key(job_id), self.COUNTS_KEY],
             args=[token, json.dumps(record_time())],
         ))
 
@@ -412,17 +475,20 @@ class JobStore:
         }
         reply = self._reap(
             keys=[self.record_key(job_id), self.lease_key(job_id), self.cancel_key(job_id),
-                  self.ACTIVE_KEY],
-            args=[json.dumps(record_time()), max_attempts, job_id, json.dumps(error)],
+                  self.ACTIVE_KEY, self.COUNTS_KEY],
+            args=[json.dumps(record_time()), max_attempts, job_id, json.dumps(error),
+                  self.retention_seconds],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def cancel(self, job_id: str) -> str:
         """Ask a job to stop. Returns ``cancelled`` (it was queued: done at once),
-        ``cancelling`` (running: its trainer will stop at the next step), the final status it
-        already had, or ``missing``."""
+        ``cancelling`` (running: its trainer will stop at the next step), ``ended:<status>``
+        (it had already ended: nothing changes), or ``missing``."""
         reply = self._cancel(
-            keys=[self.record_key(job_id), self.cancel_key(job_id), self.ACTIVE_KEY],
-            args=[json.dumps(record_time()), job_id, CANCEL_KEY_TTL_SECONDS],
+            keys=[self.record_key(job_id), self.cancel_key(job_id), self.ACTIVE_KEY,
+                  self.COUNTS_KEY],
+            args=[json.dumps(record_time()), job_id, CANCEL_KEY_TTL_SECONDS,
+                  self.retention_seconds],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -42,7 +42,7 @@ def _start_reaper(sender=None, **kwargs) -> None:
     global _reaper
     settings = WorkerSettings()
     celery_app = sender.app if sender is not None else app
-    store = JobStore.from_url(settings.redis_url)
+    store = JobStore.from_url(settings.redis_url, settings.job_retention_seconds)
     if sender is not None:
         store.set_draining(sender.hostname, False)  # a restart under the same name runs jobs
     _reaper = ReaperThread(

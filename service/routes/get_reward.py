@@ -35,11 +35,13 @@ async def get_reward(
     if settings.get_reward_rerender and body.prompts is not None:
         tok = model.rm.tokenizer
         items = split_queries(body.query, body.prompts, [tok.eos_token, tok.pad_token])
-        rewards, _ = await encode_and_score(engine, model, items, model.rm.encode_many)
+        rewards, _ = await encode_and_score(engine, model, items, model.rm.encode_many,
+                                            settings.item_char_limit)
         rendering = "rerendered"
     else:
         rewards, _ = await encode_and_score(
-            engine, model, body.query, lambda queries: [model.rm.encode_text(q) for q in queries]
+            engine, model, body.query, lambda queries: [model.rm.encode_text(q) for q in queries],
+            settings.item_char_limit,
         )
         rendering = "as-sent"
     # The body keeps OpenRLHF's exact shape (its trainer tensorizes extra_logs), so the

@@ -18,7 +18,12 @@ async def health() -> dict[str, str]:
 
 @ready_router.get("/ready")
 async def ready(manager: ManagerDep) -> dict[str, str]:
+    """200 once a model is loaded and warmed; ``fallback`` says when it is not the referenced
+    version (which could not load)."""
     current = manager.current
     if current is None:
         raise NotReady(manager.load_error or f"loading model {manager.reference!r}")
-    return {"status": "ready", "model": current.label}
+    body = {"status": "ready", "model": current.label}
+    if manager.fallback:
+        body["fallback"] = manager.fallback
+    return body

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import ManagerDep, RegistryDep
 from service.errors import MODEL_ERRORS, error_responses
 from service.schemas import AliasRequest
+from training.registry import normalize_version
 
 router = APIRouter(responses=error_responses(*MODEL_ERRORS))
 
@@ -28,27 +29,26 @@ async def list_models(manager: ManagerDep, registry: RegistryDep) -> dict[str, A
         "served": served["model"] if served else None,
         "served_reference": manager.reference,
         "swap_error": manager.swap_error,
+        "fallback": manager.fallback,
         "models": registered,
     }
 
 
 @router.post("/models/{name}/aliases/{alias}")
 async def set_alias(
-    name: str, alias: str, body: AliasRequest, manager: ManagerDep, registry: RegistryDep
+    name: str, alias: str, body: AliasRequest, manager: ManagerDep
 ) -> dict[str, Any]:
-    """Promote or roll back: point ``alias`` at ``version``. When the served reference
-    follows this alias, the new version is loaded off the event loop, warmed and swapped in
-    before this call returns; requests in flight finish on the old one."""
-    version = await run_in_threadpool(registry.set_alias, name, alias, body.version)
-    outcome = None
-    if manager.current is None or manager.follows_registry():
-        outcome = await run_in_threadpool(manager.check_for_promotion)
+    """Promote or roll back: point ``alias`` at ``version``. When the served reference follows
+    this alias, the new version is verified, loaded and warmed off the event loop first; the
+    alias moves and the new version is swapped in only once it has loaded (409 otherwise, with
+    the alias and the served model unchanged). Requests in flight finish on the old one."""
+    version = normalize_version(body.version)
+    outcome = await run_in_threadpool(manager.promote, name, alias, version)
     served = _served(manager)
     return {
         "name": name,
         "alias": alias,
-        "version": version.version,
+        "version": version,
         "served": served["model"] if served else None,
         "swap": outcome,
-        "swap_error": (manager.swap_error or manager.load_error) if outcome == "failed" else None,
     }

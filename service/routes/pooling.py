@@ -32,7 +32,7 @@ router = APIRouter(tags=["vLLM / SGLang compatible"], responses=error_responses(
 async def classify(body: ClassifyRequest, engine: EngineDep, manager: ManagerDep,
                    settings: SettingsDep) -> ClassifyResponse:
     model = served_model(manager, body.model)
-    rewards, tokens = await score_inputs(engine, model, body, settings.max_items)
+    rewards, tokens = await score_inputs(engine, model, body, settings)
     return classify_response(model, rewards, tokens, body.activated)
 
 
@@ -41,7 +41,7 @@ async def pooling(body: PoolingRequest, engine: EngineDep, manager: ManagerDep,
                   settings: SettingsDep) -> PoolingResponse:
     check_pooling_task(body)
     model = served_model(manager, body.model)
-    rewards, tokens = await score_inputs(engine, model, body, settings.max_items)
+    rewards, tokens = await score_inputs(engine, model, body, settings)
     return pooling_response(model, rewards, tokens, body.activated)
 
 
@@ -49,5 +49,5 @@ async def pooling(body: PoolingRequest, engine: EngineDep, manager: ManagerDep,
 async def embeddings(body: EmbeddingsRequest, engine: EngineDep, manager: ManagerDep,
                      settings: SettingsDep) -> EmbeddingsResponse:
     model = served_model(manager, body.model)
-    rewards, tokens = await score_inputs(engine, model, body, settings.max_items)
+    rewards, tokens = await score_inputs(engine, model, body, settings)
     return embeddings_response(model, rewards, tokens)

@@ -37,7 +37,8 @@ async def preference(
     model = served_model(manager, body.model)
     sides = [side for item in body.items for side in _sides(item)]
     rewards, tokens = await encode_and_score(
-        engine, model, sides, lambda batch: model.rm.encode_many(batch, truncate=body.truncate)
+        engine, model, sides, lambda batch: model.rm.encode_many(batch, truncate=body.truncate),
+        settings.item_char_limit,
     )
     results = [
         PreferenceResult(reward_a=a, reward_b=b, p_a_over_b=sigmoid(a - b))

@@ -23,6 +23,7 @@ async def score(
         model,
         [item.model_dump() for item in body.items],
         lambda items: model.rm.encode_many(items, truncate=body.truncate),
+        settings.item_char_limit,
     )
     if body.normalize:
         rewards = normalize(rewards, model)

@@ -66,7 +66,7 @@ def test_evaluate_specs_are_checked_at_submission(tmp_path: Path, redis_server) 
         shutil.copy(SAMPLE, jobs.data_dir / "good.jsonl")
         for spec, fragment in [
             ({"model": "minilm"}, "eval_file"),
-            ({"eval_file": "bad.jsonl", "model": "minilm"}, "bad.jsonl:2: missing field 'rejected'"),
+            ({"eval_file": "bad.jsonl", "model": "minilm"}, "line 2 of bad.jsonl: missing field 'rejected'"),
             ({"eval_file": "nope.jsonl", "model": "minilm"}, "nope.jsonl"),
             ({"eval_file": "good.jsonl", "model": "nope@v3"}, "model: .*nope"),
             ({"eval_file": "good.jsonl", "model": "minilm", "params": {"batch_size": 0}}, "batch_size"),

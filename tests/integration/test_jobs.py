@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.worker.harness import JobHarness, wait_for, write_tiny_preferences
+from tests.worker.harness import JobHarness, wait_for
 from training.registry import Registry
 from training.reward_model import RewardModel
 from worker.dispatch import enqueue
 from worker.specs import latest_checkpoint_step
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def jobs(tmp_path: Path, redis_server) -> Iterator[JobHarness]:
-    harness = JobHarness(tmp_path, redis_server.url)
-    write_tiny_preferences(harness.data_dir / "train.jsonl", 48, seed=0)
-    write_tiny_preferences(harness.data_dir / "eval.jsonl", 16, seed=1)
-    yield harness
-    harness.close()
 
 
 def _train_spec(model: Path, **params) -> dict:

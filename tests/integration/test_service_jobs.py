@@ -112,21 +112,47 @@ def test_train_rm_over_http_then_promote_while_scoring(stack) -> None:
     assert rolled["served"] == "rm@v1" and _score(url).json()["model"] == "rm@v1"
 
 
-def test_a_broken_version_fails_to_load_and_the_old_one_keeps_serving(stack, tmp_path) -> None:
+def test_a_version_that_cannot_load_is_refused_and_the_alias_does_not_move(stack, tmp_path) -> None:
     harness, url = stack
+    registry = Registry.from_artifacts(harness.artifacts)
     broken_source = tmp_path / "broken"
-    shutil.copytree(Registry.from_artifacts(harness.artifacts).resolve("rm@v1").path, broken_source)
+    shutil.copytree(registry.resolve("rm@v1").path, broken_source)
     weights = next(broken_source.glob("*.safetensors"))
     weights.write_bytes(b"not a safetensors file")
-    Registry.from_artifacts(harness.artifacts).publish("rm", broken_source, {"kind": "reward_model"})
+    registry.publish("rm", broken_source, {"kind": "reward_model"})
 
     response = httpx.post(f"{url}/models/rm/aliases/production", json={"version": "v2"}, timeout=120)
-    assert response.status_code == 200
-    assert response.json()["swap"] == "failed" and "rm@v2" in response.json()["swap_error"]
-    assert response.json()["served"] == "rm@v1"
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["type"] == "promotion_failed" and "rm@v2" in error["message"]
+    assert registry.alias_target("rm", "production") == "v1"  # the next start serves v1 too
     assert _score(url).json()["model"] == "rm@v1"
     assert httpx.get(f"{url}/ready").status_code == 200
-    assert httpx.get(f"{url}/models").json()["swap_error"]
+
+
+def test_damaged_weights_fail_their_digest_and_a_broken_alias_falls_back_loudly(
+        tmp_path: Path, redis_server, tiny_encoder_rm: Path) -> None:
+    harness = JobHarness(tmp_path, redis_server.url)
+    registry = Registry.from_artifacts(harness.artifacts)
+    try:
+        with serving_production_rm(harness, tiny_encoder_rm) as url:
+            assert _score(url).json()["model"] == "rm@v1"  # v1 served: the fallback on record
+            v2 = registry.publish("rm", tiny_encoder_rm, {"kind": "reward_model"})
+            weights = next(v2.path.glob("*.safetensors"))
+            weights.write_bytes(b"\0" * weights.stat().st_size)  # zero-filled after publication
+            refused = httpx.post(f"{url}/models/rm/aliases/production", json={"version": 2},
+                                 timeout=120)
+            assert refused.status_code == 409 and "digest" in refused.json()["error"]["message"]
+        # another process moves the alias anyway; the next start must not be an outage
+        registry.set_alias("rm", "production", "v2")
+        with live_server_for(harness, model="rm:production") as server:
+            ready = httpx.get(f"{server.url}/ready").json()
+            assert ready["model"] == "rm@v1" and "rm@v2" in ready["fallback"]
+            assert _score(server.url).json()["model"] == "rm@v1"
+            assert "rm@v2" in httpx.get(f"{server.url}/models").json()["fallback"]
+            assert "generalrm_model_fallback 1.0" in httpx.get(f"{server.url}/metrics").text
+    finally:
+        harness.close()
 
 
 def test_bad_specs_are_422_and_unknown_jobs_404(stack) -> None:

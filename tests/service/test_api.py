@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from tests.service.conftest import live_server
-from training.models import resolve_pretrained
 from training.reward_model import RewardModel
 
 
@@ -192,7 +191,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_scores(tiny_decoder_rm
 
 @pytest.mark.slow
 def test_full_queue_is_429_with_retry_after_at_once():
-    with live_server(model=resolve_pretrained("minilm"), max_queue=1, max_batch_size=8) as server:
+    with live_server(model="minilm", max_queue=1, max_batch_size=8) as server:
         body = {"items": [{"prompt": "the quick brown fox " * 25, "response": f"answer {i}"} for i in range(64)]}
         statuses: list[httpx.Response] = []
         lock = threading.Lock()

@@ -63,3 +63,19 @@ def test_scores_through_the_engine_equal_each_item_scored_alone(tiny_encoder_rm:
                 assert score == pytest.approx(alone[encoded.index(ids)], abs=1e-4)
     finally:
         engine.stop()
+
+
+def test_admission_refuses_before_any_work_and_every_place_comes_back(tiny_encoder_rm: Path) -> None:
+    rm = RewardModel.from_pretrained(tiny_encoder_rm, device="cpu")
+    served = ServedModel(rm=rm, model=resolve_model(str(tiny_encoder_rm), "unused"))
+    engine = _engine(queue=2)  # not started: queued requests stay queued
+    engine.admit()  # a request being tokenized holds a place ...
+    engine.admit()
+    with pytest.raises(Overloaded):  # ... so a third is refused before it tokenizes anything
+        engine.admit()
+    engine.release()  # its tokenization failed: the place comes back
+    engine.submit(served, rm.encode_many([{"prompt": "a", "response": "b"}]), admitted=True)
+    assert engine.queue_depth == 1  # one queued; the other admitted place was given back
+    engine.admit()
+    with pytest.raises(Overloaded):
+        engine.submit(served, [rm.encode({"prompt": "c", "response": "d"})])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.service.conftest import live_server
 from tests.service.test_api import assert_error
-from training.reward_model import RewardModel
+from training.reward_model import Encoded, RewardModel
 
 CHAT = [{"role": "user", "content": "how are you today?"},
         {"role": "assistant", "content": "good great nice"}]
@@ -101,7 +101,7 @@ def test_truncate_prompt_tokens_as_vllm(decoder_server, rm):
     kept = httpx.post(url, json={"input": long_text, "truncate_prompt_tokens": 10,
                                  "use_activation": False}).json()
     assert kept["usage"]["prompt_tokens"] == 10
-    ids = rm.encode_text(long_text)[-10:]
+    ids = Encoded(rm.encode_text(long_text).input_ids[-10:])
     assert kept["data"][0]["probs"][0] == pytest.approx(rm.score_ids([ids])[0], abs=1e-4)
     fitted = httpx.post(url, json={"input": long_text, "truncate_prompt_tokens": -1}).json()
     assert fitted["usage"]["prompt_tokens"] == 64

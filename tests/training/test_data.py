@@ -45,7 +45,12 @@ def test_trl_conversational_pairs_with_explicit_prompt(tmp_path: Path) -> None:
     }])
     (pair,) = load_pairs(path)
     assert (pair.prompt, pair.chosen, pair.rejected) == ("What is 2+2?", "4", "5")
-    assert pair.meta["prompt_messages"] == [{"role": "user", "content": "What is 2+2?"}]
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    assert pair.messages == (question, [{"role": "assistant", "content": "4"}],
+                             [{"role": "assistant", "content": "5"}])
+    # the RM scores the conversation, rendered by its own template, never a flattened text
+    assert pair.chosen_item() == {"messages": [*question, {"role": "assistant", "content": "4"}]}
+    assert pair.swapped().chosen_item() == {"messages": [*question, {"role": "assistant", "content": "5"}]}
 
 
 def test_trl_pairs_with_implicit_prompt_split_at_the_shared_beginning(tmp_path: Path) -> None:
@@ -56,6 +61,16 @@ def test_trl_pairs_with_implicit_prompt_split_at_the_shared_beginning(tmp_path: 
     }])
     (pair,) = load_pairs(path)
     assert (pair.prompt, pair.chosen, pair.rejected) == ("Name a colour.", "Blue.", "Seven.")
+    assert pair.rejected_item() == {"messages": [user, {"role": "assistant", "content": "Seven."}]}
+
+
+def test_a_margin_column_is_read_as_trl_does(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "p.jsonl", [
+        {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 1.5},
+        {"prompt": "Q", "chosen": "A", "rejected": "B"},
+    ])
+    first, second = load_pairs(path)
+    assert first.margin == 1.5 and "margin" not in first.meta and second.margin is None
 
 
 def test_json_list_files_are_accepted(tmp_path: Path) -> None:

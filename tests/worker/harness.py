@@ -26,6 +26,7 @@ from worker.settings import WorkerSettings as Settings
 REPO = Path(__file__).resolve().parents[2]
 HEARTBEAT_SECONDS = 0.3
 STALE_SECONDS = 2.0
+RESEND_SECONDS = 1.0
 MAX_ATTEMPTS = 3
 
 
@@ -108,6 +109,7 @@ class JobHarness:
             "GENERALRM_JOB_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
             "GENERALRM_JOB_STALE_SECONDS": str(STALE_SECONDS),
             "GENERALRM_JOB_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "GENERALRM_JOB_RESEND_SECONDS": str(RESEND_SECONDS),
             "GENERALRM_VISIBILITY_TIMEOUT_SECONDS": "3600",
             "GENERALRM_ENABLE_DIAGNOSTIC_JOBS": "1",
             "GENERALRM_DEVICE": "cpu",
@@ -117,6 +119,7 @@ class JobHarness:
             redis_url=redis_url, artifacts_dir=self.artifacts, data_dir=self.data_dir,
             job_heartbeat_seconds=HEARTBEAT_SECONDS, job_stale_seconds=STALE_SECONDS,
             job_max_attempts=MAX_ATTEMPTS, visibility_timeout_seconds=3600,
+            job_resend_seconds=RESEND_SECONDS,
             enable_diagnostic_jobs=True, device="cpu",
         )
         self.client = JobClient(self.settings)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,8 @@ def test_a_good_spec_gets_its_defaults(client: JobClient, tiny_encoder_rm: Path)
         ("train_rm", {"train_file": "../outside.jsonl"}, "outside the data directory"),
         ("train_rm", {"train_file": "/etc/passwd"}, "outside the data directory"),
         ("train_rm", {"eval_file": "sub/../../outside.jsonl"}, "outside the data directory"),
-        ("train_rm", {"train_file": "broken.jsonl"}, "lacks string field"),
-        ("train_rm", {"train_file": "not-json.jsonl"}, "is not JSON"),
+        ("train_rm", {"train_file": "broken.jsonl"}, "line 1 of broken.jsonl: missing field 'rejected'"),
+        ("train_rm", {"train_file": "not-json.jsonl"}, "line 1 of not-json.jsonl: invalid JSON"),
         ("train_rm", {"train_file": 3}, "train_file"),
         ("train_rm", {"params": {"max_step": 3}}, "max_step"),
         ("train_rm", {"params": {"learning_rate": "fast"}}, "learning_rate"),
@@ -75,3 +76,20 @@ def test_a_spec_must_be_an_object(client: JobClient) -> None:
     with pytest.raises(SpecError, match="JSON object"):
         client.submit("train_rm", ["train.jsonl"])
     assert issubclass(SpecError, ValueError)
+
+
+def test_trl_formats_are_accepted_as_the_trainer_reads_them(client: JobClient, tmp_path: Path) -> None:
+    user = {"role": "user", "content": "Name a colour."}
+    rows = [{"chosen": [user, {"role": "assistant", "content": "Blue."}],  # implicit prompt
+             "rejected": [user, {"role": "assistant", "content": "Seven."}], "margin": 0.5},
+            {"prompt": [user], "chosen": [{"role": "assistant", "content": "Red."}],
+             "rejected": [{"role": "assistant", "content": "Nine."}]}]
+    (tmp_path / "data" / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert client.validate("train_rm", {"train_file": "trl.jsonl"})["train_file"] == "trl.jsonl"
+
+
+def test_messages_name_the_data_directory_never_a_server_path(client: JobClient, tmp_path: Path) -> None:
+    for spec in ({"train_file": "../outside.jsonl"}, {"train_file": "missing.jsonl"}):
+        with pytest.raises(SpecError) as refused:
+            client.validate("train_rm", spec)
+        assert str(tmp_path) not in str(refused.value) and "data directory" in str(refused.value)

@@ -44,7 +44,7 @@ def test_cancel_of_a_queued_job_is_immediate_and_final(jobs: JobHarness) -> None
     assert store.cancel("job-1") == "cancelled"
     assert store.get("job-1")["status"] == "cancelled"
     assert store.claim("job-1", "token-a", 5, 2, "worker-a").outcome == "finished"
-    assert store.cancel("job-1") == "cancelled"
+    assert store.cancel("job-1") == "ended:cancelled"
     assert store.cancel("nope") == "missing"
 
 

@@ -13,7 +13,6 @@ optimizer and scheduler are restored).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -62,10 +61,22 @@ def apply_strength(
     flipped = lowest_strength_indices(mu, config.flip, config.flip_fraction)
     pairs, mu = list(pairs), list(mu)
     for i in flipped:
-        p = pairs[i]
-        pairs[i] = dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen)
+        pairs[i] = pairs[i].swapped()
         mu[i] = -mu[i]
     return pairs, mu, flipped
+
+
+def data_margins(pairs: list[PreferencePair], config: RMTrainConfig) -> list[float] | None:
+    """TRL's per-pair ``margin`` column, used as the margin m when the data has one (pairs
+    without a value get 0); None when no pair carries one."""
+    if all(p.margin is None for p in pairs):
+        return None
+    if config.margin != "none":
+        raise ValueError(
+            f"the training pairs carry a 'margin' column and the config sets margin="
+            f"{config.margin!r}; use one: margin: none (the data's margins, as TRL does), or "
+            "drop the column")
+    return [p.margin or 0.0 for p in pairs]
 
 
 # ---------------------------------------------------------------------- result
@@ -104,6 +115,7 @@ class RMTrainer:
             mu = strength_for_pairs(cfg.resolved_strength_file, pairs)
             pairs, mu, self.flipped = apply_strength(pairs, mu, cfg)
             self.strength = mu
+        self.data_margins = data_margins(pairs, cfg)
         self.pairs = pairs
         self.eval_pairs = load_pairs(cfg.eval_file) if cfg.eval_file else []
 
@@ -125,11 +137,9 @@ class RMTrainer:
                 self.rm.model = get_peft_model(self.rm.model, lora)
         self.rm.model.train()
         # Encode once: tokenization dominates small-model steps otherwise.
-        self.encoded = [
-            (self.rm.encode({"prompt": p.prompt, "response": p.chosen}),
-             self.rm.encode({"prompt": p.prompt, "response": p.rejected}))
-            for p in self.pairs
-        ]
+        chosen = self.rm.encode_many([p.chosen_item() for p in self.pairs])
+        rejected = self.rm.encode_many([p.rejected_item() for p in self.pairs])
+        self.encoded = list(zip(chosen, rejected, strict=True))
 
     @property
     def micro_batches_per_epoch(self) -> int:
@@ -170,16 +180,17 @@ class RMTrainer:
     def _micro_step_loss(self, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
         n = len(indices)
-        ids = [self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices]
-        input_ids, mask = self.rm.pad(ids)
+        inputs = self.rm.pad([self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices])
         want_features = cfg.simcse_weight > 0
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            out = self.rm.forward(input_ids, mask, return_features=want_features)
-            second = self.rm.forward(input_ids, mask, return_features=True) if want_features else None
+            out = self.rm.forward(inputs, return_features=want_features)
+            second = self.rm.forward(inputs, return_features=True) if want_features else None
         rewards, features = out if want_features else (out, None)
         rewards = rewards.float()
         margin = None
-        if cfg.margin == "fixed":
+        if self.data_margins is not None:
+            margin = torch.tensor([self.data_margins[i] for i in indices], device=rewards.device)
+        elif cfg.margin == "fixed":
             margin = cfg.margin_value
         elif cfg.margin == "adaptive":
             assert self.strength is not None

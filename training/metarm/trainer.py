@@ -69,9 +69,7 @@ def sample_groups(samples: Sequence[Any]) -> list[tuple[str, list[str]]]:
 # ---------------------------------------------------------------------------- objectives
 def pair_loss(rm: RewardModel, pairs: Sequence[PreferencePair]) -> torch.Tensor:
     """The Bradley–Terry loss of ``pairs``, chosen and rejected in one padded forward pass."""
-    items = [{"prompt": p.prompt, "response": p.chosen} for p in pairs]
-    items += [{"prompt": p.prompt, "response": p.rejected} for p in pairs]
-    rewards = rm.rewards(items)
+    rewards = rm.rewards([p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs])
     return bradley_terry_loss(rewards[: len(pairs)] - rewards[len(pairs) :])
 
 

@@ -42,7 +42,7 @@ from training.atomic import replace_dir, write_json_atomic
 from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
 from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
 from training.config import ConfigError
-from training.data import load_benchmark, load_pairs, load_samples
+from training.data import PreferencePair, as_pair, load_benchmark, load_pairs, load_samples
 from training.losses import bradley_terry_loss
 from training.models import resolve_pretrained
 from training.oodpl.config import MetaTrainConfig
@@ -80,9 +80,25 @@ class InnerBatch:
 
 @dataclass
 class PairBatch:
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
+    """Outer pairs: texts for the policy's log-likelihoods, the pairs themselves for the RM."""
+
+    pairs: list[PreferencePair]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p.prompt for p in self.pairs]
+
+    @property
+    def chosen(self) -> list[str]:
+        return [p.chosen for p in self.pairs]
+
+    @property
+    def rejected(self) -> list[str]:
+        return [p.rejected for p in self.pairs]
+
+    def rm_items(self) -> list[dict[str, Any]]:
+        """Chosen items, then rejected items, as the RM scores them."""
+        return [p.chosen_item() for p in self.pairs] + [p.rejected_item() for p in self.pairs]
 
 
 def make_inner_batch(samples: Sequence[Any], k: int, rng: random.Random) -> InnerBatch:
@@ -100,9 +116,7 @@ def make_inner_batch(samples: Sequence[Any], k: int, rng: random.Random) -> Inne
 
 
 def make_pair_batch(pairs: Sequence[Any]) -> PairBatch:
-    return PairBatch(
-        [p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs]
-    )
+    return PairBatch([as_pair(p) for p in pairs])
 
 
 def rm_rewards(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -312,8 +326,8 @@ class MetaTrainer:
         }
 
     def _bt_loss(self, pairs: PairBatch) -> torch.Tensor:
-        n = len(pairs.prompts)
-        rewards = rm_rewards(self.rm, pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        n = len(pairs.pairs)
+        rewards = self.rm.rewards(pairs.rm_items())
         return bradley_terry_loss(rewards[:n] - rewards[n:])
 
     # ------------------------------------------------------------------ one outer step
@@ -357,8 +371,8 @@ class MetaTrainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _rm_accuracy(self, pairs: PairBatch) -> float:
-        n = len(pairs.prompts)
-        rewards = rm_rewards(self.rm, pairs.prompts * 2, pairs.chosen + pairs.rejected)
+        n = len(pairs.pairs)
+        rewards = self.rm.rewards(pairs.rm_items())
         return float((rewards[:n] > rewards[n:]).float().mean())
 
     def evaluate(self, tasks: Sequence[MetaTask] | None = None, seed: int | None = None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from training.atomic import write_text_atomic
 from training.config import TrainerConfig
 from training.metarm.config import MetaRMConfig, MetaRMRoundsConfig
 from training.oodpl.config import AdaptConfig
-from training.registry import resolve_model
+from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
@@ -107,7 +107,7 @@ def _metarm_values(metarm: Any, data_dir: Path) -> dict[str, Any]:
     key = "pairs_path" if "pairs_path" in metarm and "pairs_file" not in metarm else "pairs_file"
     if metarm.get(key) is None:
         raise SpecError("params.metarm.pairs_file: required, the source preference pairs (a "
-                        f"JSONL under the data directory {data_dir}) that MetaRM keeps the RM "
+                        "JSONL under the data directory) that MetaRM keeps the RM "
                         "accurate on")
     pairs = preference_file(metarm[key], f"params.metarm.{key}", data_dir)
     return {**metarm, key: str(pairs)}
@@ -210,8 +210,8 @@ def run(ctx: JobContext) -> JobOutcome:
                           _artifacts(ctx.run_dir, policy_done, rm_done))
 
     data_dir = ctx.settings.resolved_data_dir
-    policy = resolve_model(spec.policy, ctx.settings.artifacts_dir)
-    rm = resolve_model(spec.reward_model, ctx.settings.artifacts_dir)
+    policy = resolve_verified(spec.policy, ctx.settings.artifacts_dir)
+    rm = resolve_verified(spec.reward_model, ctx.settings.artifacts_dir)
     prompts, prompts_path = _prompt_rows(spec, data_dir, ctx.run_dir)
     pairs_path = resolve_data_path(spec.pairs, "pairs", data_dir) if spec.pairs else None
     models = {"policy": policy.path, "reward_model": rm.path}

@@ -9,32 +9,51 @@ the spec key.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import try_to_load_from_cache
+
 from training.config import ConfigError, TrainerConfig
+from training.data import DataError, load_pairs
 from training.models import SHORT_NAMES
 from training.registry import ModelNotFoundError, Registry, RegistryError, check_name, resolve_model
 from worker.settings import WorkerSettings
 from worker.specs import SpecError
 
-
 # ---------------------------------------------------------------------- data files
-def resolve_data_path(value: Any, key: str, data_dir: Path) -> Path:
-    """A dataset path of a spec: relative to the data directory (or absolute inside it)."""
-    if not isinstance(value, str) or not value.strip():
-        raise SpecError(f"{key}: give a dataset path relative to the data directory {data_dir}")
+DATA_DIR = "the data directory (GENERALRM_DATA_DIR)"  # messages never show server paths
+
+
+def data_path(value: Any, key: str, data_dir: Path) -> Path:
+    """A path a spec names: relative to the data directory (or absolute inside it), resolved;
+    it need not exist."""
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise SpecError(f"{key}: give a path relative to {DATA_DIR}")
     root = data_dir.resolve()
     path = (root / value).resolve()  # an absolute value replaces root; '..' is resolved away
     if not path.is_relative_to(root):
-        raise SpecError(
-            f"{key}: {value!r} is outside the data directory {root}; put the file under it "
-            "(GENERALRM_DATA_DIR) and give a path relative to it"
-        )
-    if not path.is_file():
-        raise SpecError(f"{key}: {value!r} does not exist in the data directory {root}")
+        raise SpecError(f"{key}: {value!r} is outside {DATA_DIR}; put the file under it and give "
+                        "a path relative to it")
     return path
+
+
+def resolve_data_path(value: Any, key: str, data_dir: Path) -> Path:
+    """A dataset file of a spec, which must exist under the data directory."""
+    path = data_path(value, key, data_dir)
+    if not path.is_file():
+        raise SpecError(f"{key}: {value!r} does not exist in {DATA_DIR}")
+    return path
+
+
+def relative(path: Path, data_dir: Path) -> str:
+    """How a message names a data file: relative to the data directory."""
+    try:
+        return str(path.relative_to(data_dir.resolve()))
+    except ValueError:
+        return path.name
 
 
 def _json_lines(path: Path, key: str) -> Iterator[tuple[int, Any]]:
@@ -58,17 +77,14 @@ def jsonl_objects(path: Path, key: str) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def check_preference_jsonl(path: Path, key: str) -> None:
-    """Cheap check of the first record: a JSONL of {"prompt","chosen","rejected"} objects."""
-    for line_no, row in _json_lines(path, key):
-        missing = [k for k in ("prompt", "chosen", "rejected")
-                   if not isinstance(row, dict) or not isinstance(row.get(k), str)]
-        if missing:
-            raise SpecError(
-                f"{key}: line {line_no} of {path.name} lacks string field(s) {missing}; "
-                'each line must be {"prompt": ..., "chosen": ..., "rejected": ...}'
-            )
-        return
-    raise SpecError(f"{key}: {path.name} holds no preference pairs")
+    """Every row parses as a preference pair the trainers read (``training.data``: strings,
+    or TRL's conversational formats, explicit or implicit prompt, optional ``margin``)."""
+    try:
+        load_pairs(path)
+    except DataError as exc:
+        where = f"line {exc.line} of {path.name}" if exc.line is not None else path.name
+        message = str(exc).split(": ", 1)[-1] if exc.line is not None else str(exc).rsplit(": ", 1)[-1]
+        raise SpecError(f"{key}: {where}: {message}") from None
 
 
 def preference_file(value: Any, key: str, data_dir: Path) -> Path:
@@ -104,13 +120,17 @@ def domains_of(path: Path, key: str) -> set[str]:
 # ---------------------------------------------------------------------- models and names
 def check_model_reference(key: str, reference: str, settings: WorkerSettings, *,
                           resolve_short_names: bool = True) -> None:
-    """A model reference the worker can load: a short name (``minilm``), a local directory, a
-    hub id or a registry reference (``rm@v3``, ``rm:production``); errors name ``key``.
+    """A model reference the worker can load and is allowed to: a packaged short name
+    (``minilm``), a registry reference (``rm@v3``, ``rm:production``), a local directory under
+    an allowed root (the artifacts and data directories, GENERALRM_MODEL_ROOTS), or a hub id
+    (with HF_HUB_OFFLINE=1: one in the local Hugging Face cache). Errors name ``key``.
 
     With ``resolve_short_names=False`` a packaged short name (``smollm2-135m``) that no
     registry model shadows is accepted as is: resolving it would convert the GGUF (seconds)
     inside the API's request.
     """
+    if "\x00" in reference:
+        raise SpecError(f"{key}: a model reference cannot contain a NUL character")
     if (not resolve_short_names and reference in SHORT_NAMES
             and Registry.from_artifacts(settings.artifacts_dir).try_resolve(reference) is None):
         return
@@ -118,9 +138,38 @@ def check_model_reference(key: str, reference: str, settings: WorkerSettings, *,
         resolved = resolve_model(reference, settings.artifacts_dir)
     except ModelNotFoundError as exc:
         raise SpecError(f"{key}: {exc}") from None
-    looks_local = reference.startswith(("/", ".", "~"))
-    if looks_local and not Path(resolved.path).expanduser().is_dir():
-        raise SpecError(f"{key}: {reference!r} is not a directory on the worker's filesystem")
+    if resolved.from_registry or reference in SHORT_NAMES:
+        return
+    local = Path(resolved.path).expanduser()
+    if reference.startswith(("/", ".", "~")) or local.is_dir():
+        if not local.is_dir():
+            raise SpecError(f"{key}: {reference!r} is not a directory on the worker's filesystem")
+        roots = settings.allowed_model_roots
+        if not any(local.resolve().is_relative_to(root) for root in roots):
+            raise SpecError(f"{key}: {reference!r} is outside the directories jobs may load models "
+                            "from (the artifacts and data directories and GENERALRM_MODEL_ROOTS)")
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") and not _in_hub_cache(reference):
+        raise SpecError(f"{key}: {reference!r} is neither a registry model, a packaged short name "
+                        f"({', '.join(SHORT_NAMES)}), a local directory, nor a hub model in the "
+                        "local Hugging Face cache (HF_HUB_OFFLINE=1: nothing is downloaded)")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def check_device(params: dict[str, Any]) -> None:
+    """A job runs on its worker's device: ``auto``, ``cpu`` or ``cuda`` (the worker's GPU).
+    Pinning a GPU index is the worker's business (one worker per GPU, CUDA_VISIBLE_DEVICES)."""
+    device = params.get("device")
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"params.device: {device!r}; a job runs on its worker's device: auto, "
+                        "cpu or cuda. Pin GPUs by starting one worker per GPU (CUDA_VISIBLE_DEVICES)")
 
 
 def check_registry_name(key: str, name: str, settings: WorkerSettings,
@@ -142,7 +191,8 @@ def check_registry_name(key: str, name: str, settings: WorkerSettings,
 # ---------------------------------------------------------------------- params
 def check_params(params: dict[str, Any], set_by_spec: Iterable[str]) -> dict[str, Any]:
     """``params`` hold none of ``set_by_spec`` (the config fields the spec's top-level keys or
-    the job itself set)."""
+    the job itself set), and no pinned device."""
+    check_device(params)
     inside = sorted(set(params) & set(set_by_spec))
     if inside:
         raise SpecError(f"params: {inside} are set by the spec itself (its top-level keys) or by "

@@ -20,18 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.data import DataError, load_pairs
 from training.eval_config import EvalConfig
-from training.registry import resolve_model
+from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
-    resolve_data_path,
+    preference_file,
     trainer_config,
     validation_output_dir,
 )
 from worker.jobs.publish import data_fingerprint
-from worker.specs import EvaluateSpec, JobContext, JobOutcome, SpecError, ValidationContext
+from worker.specs import EvaluateSpec, JobContext, JobOutcome, ValidationContext
 
 KIND = EvaluateSpec.kind
 SET_BY_SPEC = ("eval_file", "model", "output_dir")
@@ -39,7 +38,7 @@ SET_BY_SPEC = ("eval_file", "model", "output_dir")
 
 def _config(spec: EvaluateSpec, data_dir: Path, output_dir: Path, model: str) -> EvalConfig:
     params = check_params(spec.params, SET_BY_SPEC)
-    eval_file = resolve_data_path(spec.eval_file, "eval_file", data_dir)
+    eval_file = preference_file(spec.eval_file, "eval_file", data_dir)  # every row parses
     return trainer_config(EvalConfig, {**params, "model": model, "eval_file": str(eval_file),
                                        "output_dir": str(output_dir)})
 
@@ -48,12 +47,7 @@ def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
     """The spec's shape, params, model reference, and every row of the file (a bad row is a
     422 naming its line, not a failed job later)."""
     spec = EvaluateSpec.parse(raw)
-    config = _config(spec, ctx.settings.resolved_data_dir, validation_output_dir(ctx.settings),
-                     spec.model)
-    try:
-        load_pairs(config.eval_file)
-    except DataError as exc:
-        raise SpecError(f"eval_file: {exc}") from None
+    _config(spec, ctx.settings.resolved_data_dir, validation_output_dir(ctx.settings), spec.model)
     check_model_reference("model", spec.model, ctx.settings)
     return spec.model_dump()
 
@@ -63,7 +57,7 @@ def run(ctx: JobContext) -> JobOutcome:
     from training.evaluate import Evaluator
 
     spec = EvaluateSpec.parse(ctx.spec)
-    model = resolve_model(spec.model, ctx.settings.artifacts_dir)
+    model = resolve_verified(spec.model, ctx.settings.artifacts_dir)
     config = _config(spec, ctx.settings.resolved_data_dir, ctx.run_dir, model.path)
     if "device" not in spec.params:
         config.device = ctx.settings.device

@@ -27,7 +27,7 @@ from typing import Any
 
 from training.data import default_bench_root
 from training.oodpl.config import MetaTrainConfig
-from training.registry import resolve_model
+from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
@@ -76,7 +76,7 @@ def _data(spec: MetaTrainSpec, data_dir: Path) -> dict[str, Any]:
         return {"task": spec.task}
     if spec.samples_file is None or spec.pairs_file is None:
         raise SpecError("samples_file and pairs_file: both required (JSONL with a 'domain' field "
-                        f"under {data_dir}), or give task: one of {list(TASKS)}")
+                        f"under the data directory), or give task: one of {list(TASKS)}")
     samples = resolve_data_path(spec.samples_file, "samples_file", data_dir)
     pairs = resolve_data_path(spec.pairs_file, "pairs_file", data_dir)
     return {"samples_file": str(samples), "pairs_file": str(pairs)}
@@ -151,8 +151,8 @@ def _train(ctx: JobContext) -> tuple[str, dict[str, Any]]:
 
     spec = MetaTrainSpec.parse(ctx.spec)
     data = _data(spec, ctx.settings.resolved_data_dir)
-    rm = resolve_model(spec.reward_model, ctx.settings.artifacts_dir)
-    policy = resolve_model(spec.policy, ctx.settings.artifacts_dir)
+    rm = resolve_verified(spec.reward_model, ctx.settings.artifacts_dir)
+    policy = resolve_verified(spec.policy, ctx.settings.artifacts_dir)
     config = _config(spec, data, {"reward_model": rm.path, "policy": policy.path},
                      ctx.run_dir, ctx.settings.artifacts_dir)
     if "device" not in spec.params:

@@ -61,8 +61,9 @@ def reward_model_metadata(*, algorithm: str, base_model: str, base: ResolvedMode
 
 def publish_as_owner(ctx: JobContext, name: str, model_dir: Path | str,
                      metadata: dict[str, Any]) -> ModelVersion:
-    """Publish a new version of ``name``, after checking this worker still holds the job."""
-    ctx.ensure_owner()
+    """Publish a new version of ``name``, after checking this worker still holds the job and
+    no cancel has come (:meth:`JobContext.before_publish`)."""
+    ctx.before_publish()
     return ctx.registry.publish(name, model_dir, metadata)
 
 

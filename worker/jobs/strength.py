@@ -9,8 +9,10 @@ Spec (``worker.specs.StrengthSpec``)::
      "model": "minilm",                        # ensemble backbone
      "params": {"num_models": 5, ...}}         # any StrengthConfig field but the above
 
-Writes the strength JSONL atomically and the summary (PNG, JSON, Markdown) into the job's
-directory; publishes no model.
+Writes the strength JSONL and the summary (PNG, JSON, Markdown) into the job's directory,
+then copies the JSONL to ``output_file`` in the data directory. A job never writes over a file:
+``output_file`` must not exist (checked at submission, and again atomically when written), so
+an input, or a strength file another run made, cannot be destroyed. Publishes no model.
 """
 
 from __future__ import annotations
@@ -19,49 +21,56 @@ import os
 from pathlib import Path
 from typing import Any
 
+from training.atomic import create_file_atomic
 from training.bt.config import StrengthConfig
 from training.bt.strength_file import default_strength_path
-from training.registry import resolve_model
+from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
+    data_path,
     preference_file,
+    relative,
     trainer_config,
     validation_output_dir,
 )
 from worker.specs import JobContext, JobOutcome, SpecError, StrengthSpec, ValidationContext
 
 KIND = StrengthSpec.kind
+RUN_FILE = "strength.jsonl"  # the job's own copy, in its run directory
 SET_BY_SPEC = ("train_file", "output_file", "output_dir", "model")
 
 
 def _output_path(spec: StrengthSpec, train: Path, data_dir: Path) -> Path:
+    """Where the strength file goes in the data directory: a new file, never an existing one."""
     if spec.output_file is None:
         target = default_strength_path(train)
     else:
-        target = (data_dir / spec.output_file).resolve()
-    if not target.is_relative_to(data_dir.resolve()):
-        raise SpecError(f"output_file: {target} is outside the data directory {data_dir}")
-    if not os.access(target.parent, os.W_OK):
+        target = data_path(spec.output_file, "output_file", data_dir)
+    name = relative(target, data_dir)
+    if target.exists():
+        raise SpecError(f"output_file: {name} already exists in the data directory; a job never "
+                        "writes over a file: give a new output_file, or delete the old one")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
         raise SpecError(
-            f"output_file: {target.parent} is not writable (a read-only data mount?); give an "
-            "output_file in a writable folder of the data directory"
-        )
+            f"output_file: the folder of {name} is missing or not writable (a read-only data "
+            "mount?); give an output_file in a writable folder of the data directory")
     return target
 
 
 def _config(spec: StrengthSpec, data_dir: Path, output_dir: Path, model: str) -> StrengthConfig:
     params = check_params(spec.params, SET_BY_SPEC)
     train = preference_file(spec.train_file, "train_file", data_dir)
-    output = _output_path(spec, train, data_dir)
     return trainer_config(StrengthConfig, {**params, "train_file": str(train),
-                                           "output_file": str(output),
+                                           "output_file": str(output_dir / RUN_FILE),
                                            "output_dir": str(output_dir), "model": model})
 
 
 def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
     spec = StrengthSpec.parse(raw)
-    _config(spec, ctx.settings.resolved_data_dir, validation_output_dir(ctx.settings), spec.model)
+    data_dir = ctx.settings.resolved_data_dir
+    config = _config(spec, data_dir, validation_output_dir(ctx.settings), spec.model)
+    _output_path(spec, Path(config.train_file), data_dir)
     check_model_reference("model", spec.model, ctx.settings)
     return spec.model_dump()
 
@@ -72,18 +81,26 @@ def run(ctx: JobContext) -> JobOutcome:
 
     spec = StrengthSpec.parse(ctx.spec)
     data_dir = ctx.settings.resolved_data_dir
-    base = resolve_model(spec.model, ctx.settings.artifacts_dir)
+    base = resolve_verified(spec.model, ctx.settings.artifacts_dir)
     config = _config(spec, data_dir, ctx.run_dir, base.path)
     if "device" not in spec.params:
         config.device = ctx.settings.device
+    target = default_strength_path(config.train_file) if spec.output_file is None else \
+        data_path(spec.output_file, "output_file", data_dir)
     result = StrengthTrainer(config, callback=ctx.callback).train()
     metrics = {k: v for k, v in result.summary.items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
-    ctx.ensure_owner()
+    ctx.before_publish()
+    try:  # no-clobber: the same bytes again (a resumed job) are fine, anything else is refused
+        create_file_atomic(target, Path(config.output_file).read_bytes())
+    except FileExistsError:
+        raise RuntimeError(f"output_file {relative(target, data_dir)} appeared in the data "
+                           "directory after submission; the strength file is kept in the job's "
+                           f"directory ({config.output_file}) and nothing was overwritten") from None
     return JobOutcome(
         metrics=metrics,
         artifacts={
-            "strength_file": str(Path(config.resolved_output_file).relative_to(data_dir.resolve())),
+            "strength_file": relative(target, data_dir),
             "summary_png": str(result.summary_png),
             "summary_markdown": str(result.summary_markdown),
             "summary_json": str(result.summary_json),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from training.bt.config import RMTrainConfig
-from training.registry import resolve_model
+from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
@@ -64,7 +64,7 @@ def _train(ctx: JobContext) -> tuple[Path, dict[str, Any]]:
     from training.bt.trainer import RMTrainer
 
     spec = TrainRMSpec.parse(ctx.spec)
-    base = resolve_model(spec.model, ctx.settings.artifacts_dir)
+    base = resolve_verified(spec.model, ctx.settings.artifacts_dir)
     config = _config(spec, ctx.settings.resolved_data_dir, ctx.run_dir, base.path)
     if "device" not in spec.params:
         config.device = ctx.settings.device

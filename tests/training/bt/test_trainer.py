@@ -188,3 +188,37 @@ def test_decoder_rm_with_lora_and_simcse_trains_and_saves_a_plain_model(
     assert rm.is_decoder
     assert not any("lora" in name for name, _ in rm.model.named_parameters())
     assert result.metrics["eval_n_pairs"] == 12
+
+
+def test_a_margin_column_is_the_margin_as_in_trl(tiny_encoder_rm, tmp_path) -> None:
+    rows = [{**row, "margin": float(i % 3)} for i, row in enumerate(sentiment_pairs(8, seed=3))]
+    train = write_jsonl(tmp_path / "margins.jsonl", rows)
+    trainer = RMTrainer(config(tiny_encoder_rm, {"train": train, "eval": train}, tmp_path / "run",
+                               eval_file=None))
+    trainer._load_data()
+    trainer._load_model()
+    trainer.rm.model.eval()  # no dropout: the loss is a function of the weights alone
+    batch = list(range(8))
+    loss, _ = trainer._micro_step_loss(batch)
+    with torch.no_grad():
+        chosen = trainer.rm.rewards([trainer.pairs[i].chosen_item() for i in batch])
+        rejected = trainer.rm.rewards([trainer.pairs[i].rejected_item() for i in batch])
+    margins = torch.tensor([float(i % 3) for i in batch])
+    expected = -torch.nn.functional.logsigmoid(chosen - rejected - margins).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    with pytest.raises(ValueError, match="margin"):  # two margins would silently add up
+        RMTrainer(config(tiny_encoder_rm, {"train": train, "eval": train}, tmp_path / "r2",
+                         eval_file=None, margin="fixed", margin_value=1.0))._load_data()
+
+
+def test_conversational_pairs_train_on_the_rendering_that_serving_uses(tiny_decoder_rm, tmp_path) -> None:
+    user = {"role": "user", "content": "how are you today?"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": "good great"}],
+             "rejected": [user, {"role": "assistant", "content": "bad awful"}]}] * 4
+    train = write_jsonl(tmp_path / "conv.jsonl", rows)
+    trainer = RMTrainer(config(tiny_decoder_rm, {"train": train, "eval": train}, tmp_path / "run",
+                               eval_file=None))
+    trainer._load_data()
+    trainer._load_model()
+    served = trainer.rm.encode({"messages": rows[0]["chosen"]})  # what /score encodes
+    assert trainer.encoded[0][0] == served

@@ -76,7 +76,7 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _rewards(rm: RewardModel, items: list[dict[str, str]]) -> torch.Tensor:
-    return rm.forward(*rm.pad([rm.encode(item) for item in items]))
+    return rm.forward(rm.pad(rm.encode_many(items)))
 
 
 def _hand_objective(rm: RewardModel, samples: list[dict]) -> torch.Tensor:

@@ -57,11 +57,13 @@ def test_adapter_end_to_end_saves_a_reloadable_policy(tiny_policy, tiny_encoder_
 def test_weights_raise_likelihood_of_high_reward_responses(tiny_policy, tiny_encoder_rm, tmp_path):
     """With given responses, the one the RM prefers gains log-likelihood relative to the other."""
     rows = [{"prompt": p, "responses": ["good great excellent", "bad awful terrible"]} for p in PROMPTS]
+    # the tiny random RM's two rewards differ by ~0.01: a small β makes its preference clear
     adapter = Adapter(config(tiny_policy, tiny_encoder_rm, tmp_path / "run", use_given_responses=True,
-                             responses_per_prompt=2, steps=6, beta=0.05, eval_prompts=0, lora_r=0),
+                             responses_per_prompt=2, steps=6, beta=0.002, eval_prompts=0, lora_r=0),
                       prompts=rows)
     adapter.setup()
     data = adapter.build_training_set()
+    assert all(max(data["weights"][2 * i: 2 * i + 2]) > 0.9 for i in range(3))
     preferred = [data["responses"][2 * i + (0 if data["weights"][2 * i] > 0.5 else 1)] for i in range(3)]
     other = [data["responses"][2 * i + (1 if data["weights"][2 * i] > 0.5 else 0)] for i in range(3)]
     before = (adapter.policy.logprobs_chunked(PROMPTS, preferred)
