@@ -52,6 +52,12 @@ class ServiceSettings(WorkerSettings):
     model_poll_seconds: float = Field(
         2.0, gt=0, description="How often the API checks the registry for a moved alias."
     )
+    get_reward_rerender: bool = Field(
+        False, description="/get_reward: split each query at the end of its prompt (when the "
+        "request carries prompts) and score {prompt, response} with the RM's own template.")
+    stack_redis_port: int = Field(
+        6390, ge=1, le=65535, description="Port of the redis-server that `generalrm up` / `make "
+        "run` start (not 6379, so that a system Redis is left alone).")
 
     @property
     def item_char_limit(self) -> int:

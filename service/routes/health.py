@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import ManagerDep
-from service.errors import NotReady
+from service.errors import NotReady, error_responses
 
 router = APIRouter()
-ready_router = APIRouter()  # behind the API key, unlike /health
+ready_router = APIRouter(responses=error_responses(503))  # behind the API key, unlike /health
 
 
 @router.get("/health")
