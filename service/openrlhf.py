@@ -12,20 +12,20 @@ the RM's tokenizer are dropped, as its template adds its own) and scores that it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from service.errors import InvalidInput
 
 
 def _strip_trailing(text: str, tokens: Sequence[str]) -> str:
-    stripped = True
-    while stripped:
-        stripped = False
-        for token in tokens:
-            if token and text.endswith(token):
-                text = text[: -len(token)]
-                stripped = True
-    return text
+    """``text`` without trailing repeats of any of ``tokens``, in linear time and in C (a loop
+    of slices copies the text once per token: quadratic on a long run of padding)."""
+    alternatives = "|".join(re.escape(t[::-1]) for t in tokens if t)
+    if not alternatives:
+        return text
+    tail = re.compile(f"(?:{alternatives})*").match(text[::-1]).end()
+    return text[: len(text) - tail]
 
 
 def split_queries(queries: Sequence[str], prompts: Sequence[str],
