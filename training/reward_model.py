@@ -319,16 +319,23 @@ class RewardModel:
         inputs: Mapping[str, torch.Tensor],
         *,
         return_features: bool = False,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rewards of shape (B,), differentiable; optionally the pooled features (B, H).
 
         ``inputs`` come from :meth:`pad`. The features are the hidden state the head reads:
-        the last attended token for decoders, the first token for encoders.
+        the last attended token for decoders, the first token for encoders. ``params``
+        substitutes some of the model's parameters (by name) for this call only, so that a
+        caller can differentiate through a step of them (MetaRM's second-order rule).
         """
         last = inputs["attention_mask"].sum(dim=1) - 1
         rows = torch.arange(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
+        kwargs = {**inputs, "output_hidden_states": return_features}
         with self._capture_score_logits() as captured, autocast(self.device, self.autocast_dtype):
-            out = self.model(**inputs, output_hidden_states=return_features)
+            if params is None:
+                out = self.model(**kwargs)
+            else:
+                out = torch.func.functional_call(self.model, dict(params), args=(), kwargs=kwargs)
         k = self.reward_index
         rewards = captured["logits"][rows, last, k] if self.is_decoder else out.logits[:, k]
         if not return_features:
@@ -353,9 +360,10 @@ class RewardModel:
         finally:
             handle.remove()
 
-    def rewards(self, items: Sequence[Item], *, truncate: bool = True) -> torch.Tensor:
+    def rewards(self, items: Sequence[Item], *, truncate: bool = True,
+                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Differentiable rewards of ``items`` in one padded forward pass, shape (B,)."""
-        return self.forward(self.pad(self.encode_many(items, truncate=truncate)))
+        return self.forward(self.pad(self.encode_many(items, truncate=truncate)), params=params)
 
     @torch.inference_mode()
     def score_ids(self, batch: Sequence[Encoded]) -> list[float]:

@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- data
+def set_dropout(model: torch.nn.Module, probability: float) -> None:
+    """Every dropout layer of ``model`` at ``probability`` (SimCSE's views differ by dropout
+    alone; the paper's best setting used 0.05)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+
+
 def lowest_strength_indices(mu: list[float], mode: FlipMode, fraction: float) -> list[int]:
     """Indices of the pairs to flip: the ``fraction`` lowest μ̂, or every μ̂ < 0."""
     if mode == "none":
@@ -65,6 +73,18 @@ def apply_strength(
         pairs[i] = pairs[i].swapped()
         mu[i] = -mu[i]
     return pairs, mu, flipped
+
+
+def pair_smoothing(mu: list[float] | None, config: RMTrainConfig) -> list[float] | None:
+    """The per-pair α of the paper's soft label: α on the pairs whose strength says their label
+    is doubtful (μ̂ < 0, or the ``smoothing_fraction`` lowest μ̂), 0 on the others. None when
+    every pair gets the same α (``smooth_pairs: all``, or no smoothing)."""
+    if config.label_smoothing == 0 or config.smooth_pairs == "all":
+        return None
+    assert mu is not None  # needs_strength
+    mode = "negative" if config.smooth_pairs == "negative" else "fraction"
+    chosen = set(lowest_strength_indices(mu, mode, config.smoothing_fraction))
+    return [config.label_smoothing if i in chosen else 0.0 for i in range(len(mu))]
 
 
 def data_margins(pairs: list[PreferencePair], config: RMTrainConfig) -> list[float] | None:
@@ -115,6 +135,7 @@ class RMTrainer:
             mu = strength_for_pairs(cfg.resolved_strength_file, pairs)
             pairs, mu, self.flipped = apply_strength(pairs, mu, cfg)
             self.strength = mu
+        self.smoothing = pair_smoothing(self.strength, cfg)
         self.data_margins = data_margins(pairs, cfg)
         self.pairs = pairs
         self.eval_pairs = load_pairs(cfg.eval_file) if cfg.eval_file else []
@@ -128,6 +149,8 @@ class RMTrainer:
             max_input_tokens=cfg.max_length, seed=cfg.seed,
         )
         self.rm.autocast_dtype = mixed_precision(self.device, cfg.bf16)
+        if cfg.simcse_weight > 0 and cfg.simcse_dropout is not None:
+            set_dropout(self.rm.model, cfg.simcse_dropout)
         if cfg.finetune == "lora":
             lora = LoraConfig(
                 task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -196,10 +219,16 @@ class RMTrainer:
             assert self.strength is not None
             mu = torch.tensor([self.strength[i] for i in indices], device=rewards.device)
             margin = cfg.margin_scale * mu
+        smoothing = None
+        if self.smoothing is not None:
+            smoothing = torch.tensor([self.smoothing[i] for i in indices], device=rewards.device)
+        second_rewards = second[0].float() if second is not None else None
         return reward_model_loss(
-            rewards[:n], rewards[n:], weights=self.weights, margin=margin,
+            rewards[:n], rewards[n:], weights=self.weights, margin=margin, smoothing=smoothing,
             features=(features[:n], features[n:]) if features is not None else None,
             features_second_view=(second[1][:n], second[1][n:]) if second is not None else None,
+            rewards_second_view=(second_rewards[:n], second_rewards[n:])
+            if second_rewards is not None else None,
         )
 
     def _optimizer_step(self, step: int) -> dict[str, float]:
