@@ -170,7 +170,9 @@ def meta_train_config(s: Settings, *, chat: bool, output_dir: Path, seed: int,
         outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
         outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
         inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
-        directional=s.directional, pl_length_normalized=s.pl_length_normalized,
+        directional=s.directional,
+        # the v1 tables' settings: first-order hypergradient, margins from a boolean switch
+        hypergradient="first_order", outer_margin="per_token" if s.pl_length_normalized else "sum",
         output_dir=str(output_dir), checkpoint_every=0, eval_pairs=eval_pairs,
         max_response_tokens=64, device="cpu", seed=seed)
 

@@ -3,13 +3,14 @@ the API validates job specs with them)."""
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
 from training.config import MAX_BATCH, MAX_STEPS, MAX_TOKENS, StrList, TrainerConfig
 
-Hypergradient = Literal["first_order", "exact"]
+Hypergradient = Literal["auto", "precomputed", "first_order", "exact"]
+OuterMargin = Literal["reference", "sum", "per_token"]
 Directional = Literal["jvp", "fd"]
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 
@@ -17,6 +18,10 @@ Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 class MetaTrainConfig(TrainerConfig):
     """OOD-PL meta-training. Every field has a default; data come from ``task`` (benchmark),
     ``samples_file`` + ``pairs_file`` (JSONL with a ``domain`` field), or in-memory tasks."""
+
+    renamed = {"pl_length_normalized": "outer_margin"}
+    # the old boolean's values as outer_margin values
+    LENGTH_NORMALIZED: ClassVar[dict[bool, str]] = {True: "per_token", False: "sum"}
 
     # --- models
     reward_model: str = Field("minilm", description="φ: short name, directory or hub id of "
@@ -55,16 +60,27 @@ class MetaTrainConfig(TrainerConfig):
     task_sampling: Literal["random", "round_robin"] = Field(
         "random", description="how an outer step picks its source task")
     # --- hypergradient
-    hypergradient: Hypergradient = Field("first_order", description="first_order, or exact "
-                                         "(unrolled; small models and gradient checks)")
+    hypergradient: Hypergradient = Field(
+        "auto", description="precomputed: per source domain G_i = ∇θ ℓ_PL,i(θ_0) once and each "
+        "sample's coefficient once, a meta step then costs about a BT step (D = 1 without "
+        "carry only); first_order: the coefficients from g at θ_D every step; exact: "
+        "unrolled (small models and gradient checks); auto: precomputed where defined, else "
+        "first_order")
+    precompute_pairs: int = Field(256, ge=1, le=1_000_000, description="pairs of each source "
+                                  "domain in G_i (precomputed; a seeded sample)")
+    hypergradient_checks: int = Field(2, ge=0, le=1000, description="precomputed: outer steps on "
+                                      "which the shortcut is compared with the exact "
+                                      "hypergradient at the end of training (cosine, reported)")
     directional: Directional = Field("jvp", description="⟨∇θ log π, g⟩ by forward-mode AD "
                                      "(jvp) or central finite difference (fd)")
     fd_eps: float = Field(1e-3, gt=0, le=1, description="norm of the finite-difference step along g")
     bt_weight: float = Field(0.0, ge=0, description="> 0 adds bt_weight × a Bradley–Terry loss "
                              "of r_φ on the outer pairs")
-    pl_length_normalized: bool = Field(False, description="A from per-token mean log-probs "
-                                       "instead of sums (DESIGN's A is the sum; summed margins of "
-                                       "real responses are tens of nats apart and saturate σ(A))")
+    outer_margin: OuterMargin = Field(
+        "reference", description="the margin in ℓ_PL = −log σ(margin): reference = A(θ) − "
+        "A(θ_0), as in DPO (0 at θ_0, no saturation, no length bias); sum = A from summed "
+        "log-probs (real responses are tens of nats apart and saturate σ); per_token = A from "
+        "per-token means (favours short responses)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of φ")
     max_grad_norm: float = Field(1.0, ge=0, description="clip of φ's hypergradient; 0 disables")
     # --- lengths
@@ -90,8 +106,20 @@ class MetaTrainConfig(TrainerConfig):
                        "bf16 units (GPUs, CPUs with AMX); the finite-difference directional "
                        "derivative stays fp32")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_length_normalized_values(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("pl_length_normalized", "outer_margin"):  # before or after renaming
+                if isinstance(values.get(key), bool):
+                    values = {**values, key: cls.LENGTH_NORMALIZED[values[key]]}
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.hypergradient == "precomputed" and (self.inner_steps != 1 or self.carry):
+            raise ValueError("hypergradient: precomputed needs inner_steps = 1 and carry off "
+                             "(the coefficients depend on θ_0 only there); use first_order")
         if (self.samples_file is None) != (self.pairs_file is None):
             raise ValueError("samples_file and pairs_file: give both or neither")
         if self.task is not None and self.samples_file is not None:
