@@ -116,6 +116,19 @@ def canonical_rows_and_length(rows: int, longest: int) -> tuple[int, int]:
     return max(rows, math.ceil(MIN_BATCH_TOKENS / length)), length
 
 
+class LowPrecisionStoredLinear(torch.nn.Linear):
+    """A frozen Linear whose weights are stored in the autocast dtype. Under autocast it is a
+    plain Linear (autocast would compute it with exactly these weights). Outside autocast — a
+    finite difference in ``Policy.full_precision()`` — it computes in the input's precision
+    from the same rounded weights, where a plain Linear would refuse the mixed dtypes."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == input.dtype or torch.is_autocast_enabled(input.device.type):
+            return super().forward(input)
+        bias = None if self.bias is None else self.bias.to(input.dtype)
+        return torch.nn.functional.linear(input, self.weight.to(input.dtype), bias)
+
+
 def cast_frozen_linears(module: torch.nn.Module, dtype: torch.dtype | None) -> int:
     """Store the weights of ``module``'s frozen Linear layers in ``dtype`` (the autocast dtype),
     so that autocast stops casting them again at every forward pass. The numbers do not change:
@@ -132,12 +145,14 @@ def cast_frozen_linears(module: torch.nn.Module, dtype: torch.dtype | None) -> i
     tied = {id(embeddings.weight)} if embeddings is not None else set()
     cast = 0
     for layer in module.modules():
-        if not isinstance(layer, torch.nn.Linear) or layer.weight.requires_grad:
+        # exactly nn.Linear: a subclass's own forward would not know the stored dtype
+        if type(layer) is not torch.nn.Linear or layer.weight.requires_grad:
             continue
         if id(layer.weight) in tied or layer.weight.dtype == dtype:
             continue
         layer.weight.data = layer.weight.data.to(dtype)
         if layer.bias is not None and not layer.bias.requires_grad:
             layer.bias.data = layer.bias.data.to(dtype)
+        layer.__class__ = LowPrecisionStoredLinear
         cast += 1
     return cast

@@ -187,10 +187,18 @@ def test_the_jvp_hypergradient_in_bf16_agrees_with_fp32(float64_models, lora, mo
     cosine = torch.nn.functional.cosine_similarity(approximate, reference, dim=0)
     error = (approximate - reference).norm() / reference.norm()
     assert cosine >= BF16_JVP_MIN_COSINE and error <= BF16_JVP_MAX_RELATIVE_ERROR, (cosine, error)
-    # the finite difference runs without autocast even with bf16 on (a bf16 difference is noise)
+    # the finite difference runs without autocast even with bf16 on (a bf16 difference is noise),
+    # in fp32 from the frozen layers' bf16-stored weights
     with mixed.policy.full_precision():
         assert mixed.policy.autocast_dtype is None
     assert mixed.policy.autocast_dtype is torch.bfloat16
+    frozen = [m for m in mixed.policy.model.modules() if isinstance(m, torch.nn.Linear)
+              and not m.weight.requires_grad]
+    assert all(m.weight.dtype == torch.bfloat16 for m in frozen) and bool(frozen) == lora
+    fd_reference = hypergradient(fp32, inner, pairs, "first_order", "fd")
+    fd_mixed = hypergradient(mixed, inner, pairs, "first_order", "fd")
+    cosine = torch.nn.functional.cosine_similarity(fd_mixed, fd_reference, dim=0)
+    assert cosine >= BF16_JVP_MIN_COSINE, cosine
 
 
 def test_first_order_close_to_exact_over_three_inner_steps(float64_models):
