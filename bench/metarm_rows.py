@@ -80,7 +80,8 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
                         chat_template=chat, use_given_responses=True,
                         responses_per_prompt=s.responses_per_prompt, beta=s.beta, steps=adapt_steps,
                         learning_rate=s.adapt_lr, batch_prompts=s.adapt_batch_prompts, eval_prompts=0,
-                        eval_pairs=0, eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                        eval_pairs=0, eval_before=False, eval_holdout=0,  # evaluated on the test split
+                        checkpoint_every=0, max_response_tokens=64,
                         output_dir=str(round_dir / "policy"), device="cpu", seed=seed + r),
             prompts=train_rows, policy=policy)
         adapter.train()

@@ -64,7 +64,8 @@ def adapt_step_seconds(task: str, bf16: bool, steps: int, work: Path) -> list[fl
                          chat_template=sampling_params(task).chat, use_given_responses=True,
                          responses_per_prompt=s.responses_per_prompt, beta=s.beta, steps=steps + 1,
                          learning_rate=s.adapt_lr, batch_prompts=s.adapt_batch_prompts, eval_prompts=0,
-                         eval_pairs=0, eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                         eval_pairs=0, eval_before=False, eval_holdout=0,  # every row trains
+                         checkpoint_every=0, max_response_tokens=64,
                          output_dir=str(work / f"adapt-{bf16}"), device="cpu", seed=0, bf16=bf16)
     times: list[float] = []
 

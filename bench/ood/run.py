@@ -246,7 +246,8 @@ def run_seed(task: str, seed: int, s: Settings, cost: Cost,
                         responses_per_prompt=s.responses_per_prompt, beta=s.beta,
                         steps=s.adapt_steps, learning_rate=s.adapt_lr,
                         batch_prompts=s.adapt_batch_prompts, eval_prompts=0, eval_pairs=0,
-                        eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                        # evaluated below on the test split: every training row trains
+                        eval_before=False, eval_holdout=0, checkpoint_every=0, max_response_tokens=64,
                         output_dir=str(work / f"adapt-{method}-{domain}"), **common),
                     prompts=train_rows)
                 adapter.train()

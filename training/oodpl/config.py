@@ -153,7 +153,8 @@ class AdaptConfig(TrainerConfig):
                                    "benchmark (benchdata)")
     split: Literal["train", "test"] = Field("train", description="benchmark part for the "
                                             "prompts; pairs always from test")
-    max_prompts: int | None = Field(None, ge=1, le=10_000_000, description="cap on training prompts")
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000, description="cap on the domain's "
+                                    "prompts read (training and held-out)")
     use_given_responses: bool = Field(False, description="use the data's responses as the draws "
                                       "from p (no sampling)")
     # --- sampling from the reference policy
@@ -172,8 +173,12 @@ class AdaptConfig(TrainerConfig):
                                "responses) per step")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clip; 0 disables it")
     # --- evaluation
-    eval_prompts: int = Field(16, ge=0, le=1_000_000, description="prompts for the before/after "
-                              "reward and KL (fresh samples)")
+    eval_holdout: float = Field(0.2, ge=0, lt=1, description="share of the domain's prompts held "
+                                "out of training (seeded; at least one when there are >= 2 "
+                                "prompts and the share is > 0); reward, gold and KL are reported "
+                                "on them, the in-sample numbers as train_*")
+    eval_prompts: int = Field(16, ge=0, le=1_000_000, description="held-out prompts, and training "
+                              "prompts, for the before/after reward and KL (fresh samples)")
     eval_responses_per_prompt: int = Field(2, ge=1, le=1024, description="fresh samples per "
                                            "evaluation prompt")
     eval_pairs: int = Field(64, ge=0, le=1_000_000, description="pairs for PL accuracy")
