@@ -1,7 +1,8 @@
 """Training-step cost, fp32 against bf16 autocast: an OOD-PL meta-training outer step and a
 meta-test adaptation step (and the meta step with today's default hypergradient,
-``precomputed``, whose one-time set-up is timed apart), with the OOD benchmark's models and sizes (SmolLM2-135M + LoRA r=8
-policy, MiniLM RM, batches of ``bench.ood``'s full mode), on one task's source data.
+``precomputed``, whose one-time set-up is timed apart), with the OOD benchmark's models and
+sizes (SmolLM2-135M + LoRA r=8 policy, MiniLM RM, batches of ``bench.ood``'s full mode), on
+one task's source data.
 
     python -m bench.steps                  # ~10 minutes on one core of an idle machine
     python -m bench.steps --task ka --steps 4
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -94,6 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
+    shutil.rmtree(work, ignore_errors=True)  # a finished run left there would resume to its end
     report: dict = {"task": args.task, "steps": args.steps, "threads": args.threads, "rows": []}
     for kind, measure in (("meta-training outer step (first_order)", meta_step_seconds),
                           ("adaptation step", adapt_step_seconds)):
