@@ -9,8 +9,8 @@ trains ``train_rm`` on the example pairs (``examples/data``) with the same globa
 - ``2 processes x 1 thread``: ``training.launch.launch`` over 2 CPU processes (gloo), as a job
   with ``resources: {"processes": 2}`` runs.
 
-Two models: MiniLM (all-MiniLM-L6-v2, dropout switched off so that runs are comparable value
-by value) for the step time and the loss curves, and the tiny test encoder for the launch
+fp32 throughout (``bf16: false``). Two models: MiniLM (all-MiniLM-L6-v2, dropout switched off
+so that runs are comparable value by value) for the step time and the loss curves, and the tiny test encoder for the launch
 overhead alone (its steps cost nothing). Repetitions alternate the order of the variants.
 
     python -m bench.distributed                          # ~10 min on 2 busy cores
@@ -113,7 +113,7 @@ def _one_run(model: str, model_dir: Path, variant: str, steps: int, args, out: P
               "eval_file": str(DATA / "prefs.test.jsonl"), "model": str(model_dir),
               "output_dir": str(out), "max_steps": steps, "batch_size": args.batch_size,
               "max_length": args.max_length, "learning_rate": 5e-5, "warmup_ratio": 0.1,
-              "checkpoint_every": 0, "device": "cpu"}
+              "checkpoint_every": 0, "device": "cpu", "bf16": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1" if variant != BASELINE else "2",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     spec = {"t0": time.time(), "variant": variant, "config": config}

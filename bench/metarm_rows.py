@@ -5,7 +5,7 @@ run R rounds of
 
 1. sample k responses per domain prompt from the *current* policy (round 1: the reference);
 2. update the RM on the pooled source pairs (X_t) with those samples as the meta set (X_s):
-   MetaRM (``meta_lr`` > 0, ``apply_at`` phi / phi_prime) or vanilla BT (``meta_lr`` 0);
+   MetaRM (``meta_lr`` > 0, ``update`` first_order / alternating) or vanilla BT (``meta_lr`` 0);
 3. adapt the policy (LoRA, warm-started) with the updated, frozen RM on the domain's
    reference draws for ``ceil(adapt_steps / R)`` steps (the ``bt`` row's adaptation budget
    split over the rounds).
@@ -33,11 +33,12 @@ from training.oodpl.adapt import Adapter
 from training.oodpl.config import AdaptConfig
 from training.policy import Policy, lora_from_fields
 
-# method name → (meta_lr is the Settings' metarm_meta_lr? , apply_at)
+# method name → (meta_lr is the Settings' metarm_meta_lr? , MetaRM update rule); the v1
+# table's names: "metarm" was the alternating rule, "metarm-phi" the paper's first-order one
 VARIANTS: dict[str, tuple[bool, str]] = {
-    "vanilla+rounds": (False, "phi"),  # meta_lr 0: vanilla BT, same rounds
-    "metarm+adapt": (True, "phi_prime"),  # ascent kept (raises the variance on the toy)
-    "metarm-phi+adapt": (True, "phi"),  # DESIGN §7 form (ascent undone)
+    "vanilla+rounds": (False, "first_order"),  # meta_lr 0: vanilla BT, same rounds
+    "metarm+adapt": (True, "alternating"),  # ascent kept (raises the variance on the toy)
+    "metarm-phi+adapt": (True, "first_order"),  # the paper's rule, first order
 }
 VANILLA = "vanilla+rounds"
 
@@ -46,7 +47,7 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
                source_pairs: list, train_rows: list, chat: bool, params: Any,
                out: Path) -> tuple[Policy, list[dict[str, Any]]]:
     """R rounds for one method on one domain; returns (adapted policy, per-round records)."""
-    use_meta, apply_at = VARIANTS[method]
+    use_meta, update = VARIANTS[method]
     meta_lr = s.metarm_meta_lr if use_meta else 0.0
     if out.exists():
         shutil.rmtree(out)  # MetaRMTrainer/Adapter would resume a finished run and skip training
@@ -65,7 +66,7 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
                                   seed=seed + 7919 * r)
         samples = [{"prompt": p, "responses": ys} for p, ys in zip(prompts, responses, strict=True)]
         config = MetaRMConfig(
-            model=rm, output_dir=str(round_dir / "rm"), meta_lr=meta_lr, apply_at=apply_at,
+            model=rm, output_dir=str(round_dir / "rm"), meta_lr=meta_lr, update=update,
             responses_per_prompt=s.responses_per_prompt, batch_size=s.outer_batch_pairs,
             meta_batch_size=s.metarm_meta_batch, max_steps=s.metarm_steps, learning_rate=s.outer_lr,
             device="cpu", seed=seed + r, checkpoint_every=10_000, resume=False,
@@ -79,7 +80,8 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
                         chat_template=chat, use_given_responses=True,
                         responses_per_prompt=s.responses_per_prompt, beta=s.beta, steps=adapt_steps,
                         learning_rate=s.adapt_lr, batch_prompts=s.adapt_batch_prompts, eval_prompts=0,
-                        eval_pairs=0, eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                        eval_pairs=0, eval_before=False, eval_holdout=0,  # evaluated on the test split
+                        checkpoint_every=0, max_response_tokens=64,
                         output_dir=str(round_dir / "policy"), device="cpu", seed=seed + r),
             prompts=train_rows, policy=policy)
         adapter.train()
@@ -87,7 +89,7 @@ def run_rounds(method: str, *, task: str, domain: str, seed: int, s: Any, rm_sta
         del adapter
         records.append({
             "task": task, "domain": domain, "method": method, "seed": seed, "round": r,
-            "meta_lr": meta_lr, "apply_at": apply_at, "metarm_steps": result.steps,
+            "meta_lr": meta_lr, "update": update, "metarm_steps": result.steps,
             "adapt_steps": adapt_steps,
             "diff_var_before": m.get("shifted_diff_var_before"),
             "diff_var_after": m.get("shifted_diff_var_after"),

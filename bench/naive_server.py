@@ -17,8 +17,9 @@ from training.models import resolve_pretrained
 from training.reward_model import RewardModel
 
 
-def build_app(model: str, max_input_tokens: int) -> FastAPI:
-    rm = RewardModel.from_pretrained(resolve_pretrained(model), max_input_tokens=max_input_tokens)
+def build_app(model: str, max_input_tokens: int, dtype: str = "float32") -> FastAPI:
+    rm = RewardModel.from_pretrained(resolve_pretrained(model), max_input_tokens=max_input_tokens,
+                                     dtype=dtype)
     app = FastAPI()
 
     @app.post("/score")
@@ -41,8 +42,10 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--max-input-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (autocast on CPU)")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.model, args.max_input_tokens), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.model, args.max_input_tokens, args.dtype), host="127.0.0.1",
+                port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

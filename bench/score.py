@@ -1,16 +1,25 @@
-"""Scoring throughput and latency: in-process forward vs generalrm /score vs a naive server.
+"""Scoring throughput, latency and fidelity, fp32 against bf16: in-process forward vs
+generalrm ``/score`` vs a naive server, on a trained MiniLM reward model.
 
-    python -m bench.score            # ~3 minutes on 2 CPU cores
+    python -m bench.score            # ~10 minutes on 2 CPU cores (idle machine)
     python -m bench.score --quick    # fewer requests per cell
 
-Same model (the real MiniLM RM), same 128-token inputs, same run. Prints a table and writes
-``bench/results/score.json`` (rows and targets).
+Every row is measured in one run for each precision: ``float32`` and ``bfloat16`` (bf16
+autocast of fp32 weights, the canonical shapes of ``training.precision``: what the service's
+``GENERALRM_DTYPE=auto`` picks on a CPU with AMX). (a) the in-process forward the engine runs
+(``RewardModel.score_ids``) at its best batch size; (b) generalrm over HTTP; (c) a naive
+server (OpenRLHF ``serve_rm``'s pattern). The fidelity table compares bf16 with fp32 on the
+same trained RM: max |Δ| as a share of the reward std, pairwise-order agreement over every pair
+of items, and the deviation of a score computed in a batch from the item scored alone; and
+probes two alternatives (bf16 weights instead of autocast; int8 dynamic quantization).
+Writes ``bench/results/score.json`` (rows, fidelity, targets).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -18,18 +27,36 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
 import torch
 
-from training.models import resolve_pretrained
+from training.bt.config import RMTrainConfig
+from training.bt.trainer import RMTrainer
+from training.data import load_pairs
 from training.reward_model import RewardModel
 
 TOKENS = 128
 CONCURRENCY = (1, 8, 32)
 ITEMS_PER_REQUEST = (1, 16)
+PRECISIONS = ("float32", "bfloat16")
 RESULTS = Path(__file__).parent / "results" / "score.json"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
+RM_DIR = Path("artifacts/bench/score-rm")
+
+
+def trained_rm(path: Path) -> Path:
+    """A MiniLM RM trained on the example pairs (2 epochs, fp32), cached: fidelity is only
+    meaningful on a head whose rewards carry signal."""
+    model = path / "run" / "model"
+    if not (model / "config.json").is_file():
+        config = RMTrainConfig(train_file=str(EXAMPLES / "prefs.train.jsonl"), model="minilm",
+                               output_dir=str(path / "run"), epochs=2.0, max_length=TOKENS,
+                               batch_size=16, learning_rate=5e-5, bf16=False, device="cpu")
+        RMTrainer(config).train()
+    return model
 
 
 def make_items(rm: RewardModel, count: int) -> list[dict]:
@@ -123,28 +150,68 @@ def requests_for(concurrency: int, per_request: int, quick: bool) -> int:
     return max(concurrency * 2, items // per_request)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default="minilm")
-    args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# ---------------------------------------------------------------------- fidelity
+def pair_agreement(scores: list[float], reference: list[float]) -> float:
+    agree = total = 0
+    for i, j in itertools.combinations(range(len(reference)), 2):
+        if reference[i] != reference[j]:
+            total += 1
+            agree += (scores[i] > scores[j]) == (reference[i] > reference[j])
+    return agree / total
 
-    rm = RewardModel.from_pretrained(resolve_pretrained(args.model), max_input_tokens=TOKENS)
-    items = make_items(rm, 512)
-    forward = bench_forward(rm, items, seconds=1.5 if args.quick else 4.0)
+
+def fidelity(model: Path) -> dict:
+    """bf16 (and the alternatives) against fp32 on the trained RM, item by item."""
+    pairs = load_pairs(EXAMPLES / "prefs.test.jsonl") + load_pairs(EXAMPLES / "prefs.train.jsonl")[:100]
+    items = [p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs]
+
+    def alone_and_batched(rm: RewardModel) -> tuple[list[float], list[float]]:
+        return [rm.score([item])[0] for item in items], rm.score(items, batch_size=32)
+
+    fp32 = RewardModel.from_pretrained(model, dtype="float32", device="cpu", max_input_tokens=TOKENS)
+    reference, fp32_batched = alone_and_batched(fp32)
+    std = statistics.pstdev(reference)
+    rows = {"float32": {"batch_vs_single_abs": max(abs(a - b) for a, b in zip(fp32_batched, reference, strict=True))}}
+    variants = {"bfloat16 autocast": RewardModel.from_pretrained(model, dtype="bfloat16", device="cpu",
+                                                                 max_input_tokens=TOKENS)}
+    weights = RewardModel.from_pretrained(model, dtype="float32", device="cpu", max_input_tokens=TOKENS)
+    weights.model.to(torch.bfloat16)
+    variants["bfloat16 weights"] = weights
+    quantized = RewardModel.from_pretrained(model, dtype="float32", device="cpu", max_input_tokens=TOKENS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized.model = torch.ao.quantization.quantize_dynamic(quantized.model, {torch.nn.Linear},
+                                                                 dtype=torch.qint8)
+    variants["int8 dynamic"] = quantized
+    for name, rm in variants.items():
+        alone, batched = alone_and_batched(rm)
+        rows[name] = {
+            "max_abs_diff_share_of_std": max(abs(a - b) for a, b in zip(alone, reference, strict=True)) / std,
+            "pairwise_order_agreement": pair_agreement(alone, reference),
+            "batch_vs_single_share_of_std": max(abs(a - b) for a, b in zip(batched, alone, strict=True)) / std,
+        }
+    return {"items": len(items), "pairs": len(items) * (len(items) - 1) // 2, "reward_std": std,
+            "rows": rows}
+
+
+# ---------------------------------------------------------------------- run
+def measure(model: Path, precision: str, items: list[dict], quick: bool, env: dict) -> list[dict]:
+    rm = RewardModel.from_pretrained(model, max_input_tokens=TOKENS, dtype=precision, device="cpu")
+    forward = bench_forward(rm, items, seconds=1.5 if quick else 4.0)
     del rm
-
-    rows = [{"system": "in-process forward", "concurrency": "-", "items_per_request": forward["batch"],
-             "items_per_s": forward["items_per_s"], "p50_ms": forward["single_item_forward_ms"], "p99_ms": None}]
+    rows = [{"precision": precision, "system": "in-process forward", "concurrency": "-",
+             "items_per_request": forward["batch"], "items_per_s": forward["items_per_s"],
+             "p50_ms": forward["single_item_forward_ms"], "p99_ms": None}]
     servers = {
         "generalrm": ([sys.executable, "-m", "service"], 8101, {
-            "GENERALRM_MODEL": args.model, "GENERALRM_PORT": "8101", "GENERALRM_MAX_INPUT_TOKENS": str(TOKENS),
+            "GENERALRM_MODEL": str(model), "GENERALRM_PORT": "8101", "GENERALRM_DTYPE": precision,
+            "GENERALRM_MAX_INPUT_TOKENS": str(TOKENS),
             # the operator's knob set from (a): the batch size this hardware runs fastest
             "GENERALRM_MAX_QUEUE": "4096", "GENERALRM_MAX_BATCH_SIZE": str(forward["batch"]),
             "GENERALRM_MAX_BATCH_TOKENS": str(forward["batch"] * TOKENS),
         }),
-        "naive (serve_rm pattern)": ([sys.executable, "-m", "bench.naive_server", "--model", args.model, "--port", "8102"], 8102, {}),
+        "naive (serve_rm pattern)": ([sys.executable, "-m", "bench.naive_server", "--model", str(model),
+                                      "--port", "8102", "--dtype", precision], 8102, {}),
     }
     for system, (command, port, extra_env) in servers.items():
         process = start_server(command, port, {**env, **extra_env})
@@ -152,40 +219,86 @@ def main() -> None:
             for per_request in ITEMS_PER_REQUEST:
                 for concurrency in CONCURRENCY:
                     result = asyncio.run(load(f"http://127.0.0.1:{port}/score", items, per_request, concurrency,
-                                              requests_for(concurrency, per_request, args.quick)))
-                    rows.append({"system": system, "concurrency": concurrency, "items_per_request": per_request, **result})
-                    print(f"  {system:26s} c={concurrency:<3d} items/req={per_request:<3d} "
-                          f"{result['items_per_s']:8.1f} items/s  p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms",
-                          file=sys.stderr)
+                                              requests_for(concurrency, per_request, quick)))
+                    rows.append({"precision": precision, "system": system, "concurrency": concurrency,
+                                 "items_per_request": per_request, **result})
+                    print(f"  {precision:8s} {system:26s} c={concurrency:<3d} items/req={per_request:<3d} "
+                          f"{result['items_per_s']:8.1f} items/s  p50 {result['p50_ms']:7.1f} ms  "
+                          f"p99 {result['p99_ms']:7.1f} ms", file=sys.stderr, flush=True)
         finally:
             process.terminate()
             process.wait(30)
+    return rows
 
-    def cell(system: str, concurrency: int, per_request: int) -> dict:
-        return next(r for r in rows if r["system"] == system and r["concurrency"] == concurrency and r["items_per_request"] == per_request)
 
-    best_generalrm_32 = max(cell("generalrm", 32, n)["items_per_s"] for n in ITEMS_PER_REQUEST)
-    b_over_a = best_generalrm_32 / forward["items_per_s"]
-    b_over_c = cell("generalrm", 32, 1)["items_per_s"] / cell("naive (serve_rm pattern)", 32, 1)["items_per_s"]
-    p50_gap = cell("generalrm", 1, 1)["p50_ms"] - forward["single_item_forward_ms"]
-    targets = [
-        {"name": "b/a throughput at concurrency 32 (best items/request) vs in-process forward", "measured": b_over_a, "threshold": 0.85, "met": b_over_a >= 0.85},
-        {"name": "b/c throughput at concurrency 32, single-item requests", "measured": b_over_c, "threshold": 3.0, "met": b_over_c >= 3.0},
-        {"name": "p50 at concurrency 1 minus single-item forward time (ms)", "measured": p50_gap, "threshold": 5.0, "met": p50_gap <= 5.0},
+def targets(rows: list[dict], fid: dict) -> list[dict]:
+    def cell(precision: str, system: str, concurrency, per_request=None) -> dict:
+        return next(r for r in rows if r["precision"] == precision and r["system"] == system
+                    and r["concurrency"] == concurrency
+                    and (per_request is None or r["items_per_request"] == per_request))
+
+    def best32(precision: str) -> float:
+        return max(cell(precision, "generalrm", 32, n)["items_per_s"] for n in ITEMS_PER_REQUEST)
+
+    fp32_forward = cell("float32", "in-process forward", "-")["items_per_s"]
+    bf16 = fid["rows"]["bfloat16 autocast"]
+    found = [
+        ("/score throughput at concurrency 32 (bf16, best items/request) / fp32 in-process forward",
+         best32("bfloat16") / fp32_forward, 3.0, ">="),
+        ("bf16 vs fp32 pairwise-order agreement", bf16["pairwise_order_agreement"], 0.995, ">="),
+        ("bf16 vs fp32 max |Δ| as a share of the reward std", bf16["max_abs_diff_share_of_std"], 0.02, "<="),
+        ("bf16 batch-vs-single deviation as a share of the reward std", bf16["batch_vs_single_share_of_std"], 0.01, "<="),
+        ("fp32 batch-vs-single deviation (absolute)", fid["rows"]["float32"]["batch_vs_single_abs"], 1e-4, "<="),
     ]
+    for precision in PRECISIONS:
+        forward = cell(precision, "in-process forward", "-")
+        found.append((f"{precision}: generalrm at concurrency 32 / in-process forward",
+                      best32(precision) / forward["items_per_s"], 0.95, ">="))
+        found.append((f"{precision}: p50 at concurrency 1 minus the single-item forward (ms)",
+                      cell(precision, "generalrm", 1, 1)["p50_ms"] - forward["p50_ms"], 5.0, "<="))
+    return [{"name": name, "measured": value, "threshold": threshold,
+             "met": value >= threshold if op == ">=" else value <= threshold}
+            for name, value, threshold, op in found]
 
-    print(f"\nModel {args.model}, {TOKENS}-token inputs, torch {torch.__version__}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}\n")
-    print("| system | concurrency | items/request | items/s | p50 ms | p99 ms |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=None, help="a trained RM directory (default: train one on "
+                        "the example pairs, cached under artifacts/bench/score-rm)")
+    args = parser.parse_args()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    model = Path(args.model) if args.model else trained_rm(RM_DIR)
+    items = make_items(RewardModel.from_pretrained(model, max_input_tokens=TOKENS, dtype="float32"), 512)
+    rows = [row for precision in PRECISIONS for row in measure(model, precision, items, args.quick, env)]
+    fid = fidelity(model)
+    goals = targets(rows, fid)
+
+    print(f"\nTrained MiniLM RM, {TOKENS}-token inputs, torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+          f"{platform.processor() or platform.machine()}\n")
+    print("| precision | system | concurrency | items/request | items/s | p50 ms | p99 ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:.1f}"
-        print(f"| {r['system']} | {r['concurrency']} | {r['items_per_request']} | {r['items_per_s']:.1f} | {r['p50_ms']:.1f} | {p99} |")
+        print(f"| {r['precision']} | {r['system']} | {r['concurrency']} | {r['items_per_request']} | "
+              f"{r['items_per_s']:.1f} | {r['p50_ms']:.1f} | {p99} |")
+    print(f"\nFidelity against fp32, {fid['items']} items ({fid['pairs']} pairs), reward std {fid['reward_std']:.4f}:\n")
+    print("| computed in | max abs diff / std | pairwise-order agreement | batch vs single / std |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, r in fid["rows"].items():
+        if name == "float32":
+            print(f"| float32 | 0 | 1 | {r['batch_vs_single_abs']:.1e} (absolute) |")
+            continue
+        print(f"| {name} | {r['max_abs_diff_share_of_std']:.4f} | {r['pairwise_order_agreement']:.4f} | "
+              f"{r['batch_vs_single_share_of_std']:.4f} |")
     print("\n| target | measured | threshold | met |")
     print("| --- | ---: | ---: | --- |")
-    for t in targets:
-        print(f"| {t['name']} | {t['measured']:.2f} | {t['threshold']} | {'yes' if t['met'] else 'no'} |")
+    for t in goals:
+        print(f"| {t['name']} | {t['measured']:.4g} | {t['threshold']} | {'yes' if t['met'] else 'no'} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "tokens": TOKENS, "quick": args.quick, "rows": rows, "targets": targets}, indent=2))
+    RESULTS.write_text(json.dumps({"model": str(model), "tokens": TOKENS, "quick": args.quick,
+                                   "torch_threads": torch.get_num_threads(), "rows": rows,
+                                   "fidelity": fid, "targets": goals}, indent=2))
     print(f"\nwrote {RESULTS}")
 
 

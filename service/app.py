@@ -10,11 +10,23 @@ from fastapi import Depends, FastAPI
 
 from service.deps import require_api_key
 from service.engine import ScoringEngine
-from service.errors import install_error_handlers
+from service.errors import error_responses, install_error_handlers
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, InternalErrorMiddleware, MetricsMiddleware
 from service.model_manager import ModelManager
-from service.routes import adapt, docs, get_reward, health, jobs, metrics, models, preference, score
+from service.routes import (
+    adapt,
+    docs,
+    get_reward,
+    health,
+    jobs,
+    limits,
+    metrics,
+    models,
+    pooling,
+    preference,
+    score,
+)
 from service.settings import ServiceSettings
 from worker.client import JobClient
 
@@ -72,9 +84,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     app.include_router(health.router, tags=["health"])
     protected = [Depends(require_api_key)]
-    app.include_router(health.ready_router, dependencies=protected, tags=["health"])
-    for module in (score, preference, get_reward, adapt, models, jobs, metrics):
-        app.include_router(module.router, dependencies=protected)
+    unauthorized = error_responses(401)
+    app.include_router(health.ready_router, dependencies=protected, tags=["health"],
+                       responses=unauthorized)
+    for module in (score, preference, get_reward, pooling, adapt, models, jobs, limits, metrics):
+        app.include_router(module.router, dependencies=protected, responses=unauthorized)
     if docs_protected:
         app.include_router(docs.router, dependencies=protected)
     return app

@@ -1,10 +1,14 @@
-"""The ``generalrm`` command: serve, worker, up, jobs."""
+"""The ``generalrm`` command: serve, worker, up, jobs, models."""
 
 from __future__ import annotations
 
 import logging
 
 import typer
+
+# Requests in flight get this long after SIGTERM; docker-compose.yml's stop_grace_period for
+# the API must be longer, or Docker's SIGKILL lands first.
+GRACEFUL_SHUTDOWN_SECONDS = 30
 
 app = typer.Typer(help="generalrm: reward-model serving and meta-learning for RLHF", no_args_is_help=True)
 
@@ -48,7 +52,7 @@ def serve(host: str | None = None, port: int | None = None) -> None:
         host=host or settings.host,
         port=port or settings.port,
         log_level="info",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
 
 
@@ -62,21 +66,24 @@ def worker_command(ctx: typer.Context) -> None:
 
 @app.command("up")
 def up_command(
-    redis_port: int = typer.Option(6390, help="Port of the redis-server started for the stack"),
+    redis_port: int = typer.Option(None, help="Port of the redis-server started for the stack "
+                                   "(default: GENERALRM_STACK_REDIS_PORT, 6390)"),
 ) -> None:
     """Redis (unless GENERALRM_REDIS_URL is set), a worker and the API; Ctrl-C stops all."""
     from service.stack import run_stack
 
-    raise typer.Exit(run_stack(redis_port))
+    raise typer.Exit(run_stack(redis_port or _settings().stack_redis_port))
 
 
-def _add_jobs() -> None:
+def _add_remote_commands() -> None:
     from service.jobs_cli import jobs_app
+    from service.models_cli import models_app
 
     app.add_typer(jobs_app, name="jobs")
+    app.add_typer(models_app, name="models")
 
 
-_add_jobs()
+_add_remote_commands()
 
 
 def main() -> None:

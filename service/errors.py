@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.schemas import ErrorBody
 from training.registry import ModelNotFoundError, RegistryError
 from training.reward_model import InputError, InputTooLongError
 from worker.client import JobStoreUnavailable, SpecError
@@ -81,6 +82,35 @@ class NotReady(ApiError):
 class BackendUnavailable(ApiError):
     status_code = 503
     error_type = "backend_unavailable"
+
+
+# What each status means, for the OpenAPI document (routes declare theirs through
+# ``error_responses``; the bodies are always ``ErrorBody``).
+_DOCUMENTED: dict[int, str] = {
+    401: "GENERALRM_API_KEY is set and the request has no or a wrong key",
+    404: "unknown job, or a model that is not served here",
+    409: "a promotion whose version cannot be loaded (the alias did not move)",
+    413: "body larger than GENERALRM_MAX_BODY_BYTES",
+    415: "body not sent as application/json",
+    422: "invalid input; the message names the field and what to fix",
+    429: "the scoring queue is full; retry after the Retry-After header's seconds",
+    503: "the model is still loading (or failed to load), or Redis is unreachable for jobs",
+}
+SCORING_ERRORS = (404, 413, 415, 422, 429, 503)
+JOB_ERRORS = (404, 413, 415, 422, 503)
+MODEL_ERRORS = (404, 409, 413, 415, 422, 503)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """The ``responses=`` of a router or route: each status with the real error body."""
+    responses: dict[int | str, dict] = {}
+    for status in statuses:
+        entry: dict = {"model": ErrorBody, "description": _DOCUMENTED[status]}
+        if status == 429:
+            entry["headers"] = {"Retry-After": {"description": "seconds to wait",
+                                                "schema": {"type": "integer"}}}
+        responses[status] = entry
+    return responses
 
 
 def error_response(status: int, error_type: str, message: str, headers=None) -> JSONResponse:

@@ -38,7 +38,8 @@ class Metrics:
             "generalrm_forward_seconds", "Forward pass time", buckets=LATENCY_BUCKETS, registry=r
         )
         self.model_info = Gauge(
-            "generalrm_model_info", "The served reward model (value 1)", ["model"], registry=r
+            "generalrm_model_info", "The served reward model and the precision it computes in "
+            "(value 1)", ["model", "precision"], registry=r,
         )
         self.model_fallback = Gauge(
             "generalrm_model_fallback",

@@ -18,6 +18,7 @@ from service.errors import PromotionFailed
 from service.metrics import Metrics
 from service.settings import ServiceSettings
 from training.models import SHORT_NAMES
+from training.precision import cast_frozen_linears
 from training.registry import Registry, ResolvedModel, resolve_model, verify_files
 from training.reward_model import RewardModel
 
@@ -69,6 +70,8 @@ class ModelManager:
             reward_label=settings.reward_label,
             trust_remote_code=settings.trust_remote_code,
         )
+        rm.model.requires_grad_(False)
+        cast_frozen_linears(rm.model, rm.autocast_dtype)  # the same numbers, no per-batch cast
         # on the inference thread, which will run this model (see ScoringEngine.call)
         self.engine.call(lambda: rm.score(WARMUP_ITEMS)).result()
         return ServedModel(rm=rm, model=resolved)
@@ -78,8 +81,8 @@ class ModelManager:
             previous = self._current
             self._current = served
         if previous is not None:
-            self.metrics.model_info.remove(previous.label)
-        self.metrics.model_info.labels(served.label).set(1)
+            self.metrics.model_info.remove(previous.label, previous.rm.precision.name)
+        self.metrics.model_info.labels(served.label, served.rm.precision.name).set(1)
         if served.model.from_registry:
             try:
                 self.registry.record_served(served.name, served.model.version)

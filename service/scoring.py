@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,14 @@ from training.reward_model import Encoded
 # request holds the event loop (a 1M-character item held /health for 2.3 s).
 INLINE_ENCODE_ITEMS = 4
 INLINE_ENCODE_CHARS = 4096
+
+
+def sigmoid(x: float) -> float:
+    """1 / (1 + e^-x) without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
 
 
 def check_item_count(count: int, limit: int) -> None:

@@ -35,7 +35,9 @@ class ServiceSettings(WorkerSettings):
         "items are refused (422) without being tokenized. Default: 64 x MAX_INPUT_TOKENS.")
     max_items: int = Field(256, ge=1, description="Items per request.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="Request body limit.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 where the hardware has bf16 units (GPUs: bf16 weights; "
+        "CPUs with AMX/avx512_bf16: fp32 weights under bf16 autocast), fp32 elsewhere")
     allow_untrained_head: bool = Field(
         False, description="Serve a model whose reward head would be newly initialised (a causal "
         "LM, a bare encoder). Off: such a model is refused with a clear error. The packaged demo "
@@ -50,6 +52,12 @@ class ServiceSettings(WorkerSettings):
     model_poll_seconds: float = Field(
         2.0, gt=0, description="How often the API checks the registry for a moved alias."
     )
+    get_reward_rerender: bool = Field(
+        False, description="/get_reward: split each query at the end of its prompt (when the "
+        "request carries prompts) and score {prompt, response} with the RM's own template.")
+    stack_redis_port: int = Field(
+        6390, ge=1, le=65535, description="Port of the redis-server that `generalrm up` / `make "
+        "run` start (not 6379, so that a system Redis is left alone).")
 
     @property
     def item_char_limit(self) -> int:

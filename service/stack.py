@@ -70,7 +70,7 @@ def install_examples(data_dir: Path) -> None:
         shutil.copytree(EXAMPLES, target)
 
 
-def run_stack(redis_port: int = 6390) -> int:
+def run_stack(redis_port: int) -> int:
     from service.settings import ServiceSettings
 
     settings = ServiceSettings()

@@ -36,6 +36,8 @@ from training.callbacks import NullCallback, TqdmCallback, TrainingCancelled
 from training.config import ConfigError, TrainerConfig, load_config
 from training.data import DataError
 from training.distributed import Processes
+from training.eval_config import EvalConfig
+from training.evaluate import Evaluator
 from training.metarm.trainer import MetaRMConfig, MetaRMTrainer
 from training.oodpl.adapt import AdaptConfig, Adapter
 from training.oodpl.dpo import DPOConfig, DPOTrainer
@@ -158,6 +160,9 @@ register_trainer("adapt", AdaptConfig, Adapter,
 register_trainer("metarm", MetaRMConfig, MetaRMTrainer,
                  "MetaRM: keep an RM discriminative on shifted samples.")
 register_trainer("dpo", DPOConfig, DPOTrainer, "DPO on preference pairs (baseline).")
+register_trainer("evaluate", EvalConfig, Evaluator,
+                 "Accuracy of a reward model on a preference file (TRL or RewardBench format), "
+                 "per subset and overall, with RewardBench's section weighting.")
 
 
 def main() -> None:

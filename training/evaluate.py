@@ -2,7 +2,9 @@
 
 ``evaluate_pairs`` reports accuracy (overall and per domain), the expected calibration
 error of the Bradley–Terry probability σ(Δ), and the mean and variance of the reward
-differences Δ = r(chosen) − r(rejected).
+differences Δ = r(chosen) − r(rejected). ``Evaluator`` scores a whole preference file
+(``python -m training evaluate``, job kind ``evaluate``): accuracy per subset and overall,
+with RewardBench's section weighting when the subsets are RewardBench's.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.data import as_pair
+from training.atomic import write_json_atomic, write_jsonl_atomic
+from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
+from training.data import PreferencePair, as_pair, load_pairs
+from training.eval_config import EvalConfig
+from training.models import resolve_pretrained
 from training.reward_model import RewardModel
+from training.rewardbench import is_rewardbench, rewardbench_summary
 
 if TYPE_CHECKING:
     from training.distributed import Processes
@@ -126,3 +135,89 @@ def evaluate_pairs(
     if any(math.isnan(d) for d in deltas):
         raise ValueError("the reward model produced NaN rewards")
     return summarize_deltas(deltas, [p.domain for p in pairs], n_bins=n_bins)
+
+
+# ---------------------------------------------------------------------- a preference file
+@dataclass
+class EvalResult:
+    """What :class:`Evaluator` returns: its metrics and where it wrote them."""
+
+    metrics: dict[str, Any]
+    output_dir: Path
+    steps: int
+
+
+def _subset_of(pair: PreferencePair, field: str) -> str | None:
+    value = pair.domain if field == "domain" else pair.meta.get(field)
+    if value is None:
+        value = pair.domain
+    return None if value is None else str(value)
+
+
+def accuracy_report(chosen: Sequence[float], rejected: Sequence[float],
+                    subsets: Sequence[str | None]) -> dict[str, Any]:
+    """Accuracy overall and per subset (a tie counts as wrong), the ties, and RewardBench's
+    section scores when every subset is one of RewardBench's."""
+    correct = [c > r for c, r in zip(chosen, rejected, strict=True)]
+    by_subset: dict[str, list[bool]] = defaultdict(list)
+    for ok, subset in zip(correct, subsets, strict=True):
+        if subset is not None:
+            by_subset[subset].append(ok)
+    n = len(correct)
+    report: dict[str, Any] = {
+        "n_pairs": n,
+        "accuracy": sum(correct) / n if n else float("nan"),
+        "ties": sum(c == r for c, r in zip(chosen, rejected, strict=True)),
+        "accuracy_by_subset": {s: sum(v) / len(v) for s, v in sorted(by_subset.items())},
+        "pairs_by_subset": {s: len(v) for s, v in sorted(by_subset.items())},
+    }
+    if is_rewardbench(by_subset):
+        summary = rewardbench_summary(report["accuracy_by_subset"])
+        report["rewardbench_sections"] = summary["sections"]
+        report["rewardbench_score"] = summary["score"]
+        report["rewardbench_missing_sections"] = summary["missing_sections"]
+    return report
+
+
+class Evaluator:
+    """Scores every pair of ``config.eval_file`` with ``config.model`` and reports accuracy
+    per subset and overall (``accuracy_report``); writes ``metrics.json`` and
+    ``scores.jsonl`` to ``output_dir``. Items are rendered exactly as in training and
+    serving (``RewardModel.encode``). Progress goes to the callback per chunk of pairs; a
+    stop request raises :class:`TrainingCancelled` (there is nothing to checkpoint)."""
+
+    PAIRS_PER_STEP = 256
+
+    def __init__(self, config: EvalConfig, callback: TrainerCallback | None = None) -> None:
+        self.config = config
+        self.callback = callback or NullCallback()
+
+    def train(self) -> EvalResult:
+        """Run the evaluation (named ``train`` like every trainer's entry point)."""
+        cfg = self.config
+        pairs = load_pairs(cfg.eval_file)
+        rm = RewardModel.from_pretrained(resolve_pretrained(cfg.model), device=cfg.device,
+                                         max_input_tokens=cfg.max_length)
+        chosen: list[float] = []
+        rejected: list[float] = []
+        total = math.ceil(len(pairs) / self.PAIRS_PER_STEP)
+        for step in range(total):
+            if self.callback.should_stop():
+                raise TrainingCancelled(step)
+            chunk = pairs[step * self.PAIRS_PER_STEP:(step + 1) * self.PAIRS_PER_STEP]
+            c, r = score_pairs(rm, chunk, batch_size=cfg.batch_size)
+            chosen += c
+            rejected += r
+            done = sum(a > b for a, b in zip(chosen, rejected, strict=True))
+            self.callback.on_progress(step + 1, total, {"accuracy": done / len(chosen)})
+        if any(math.isnan(v) for v in chosen + rejected):
+            raise ValueError("the reward model produced NaN rewards")
+        subsets = [_subset_of(p, cfg.subset_field) for p in pairs]
+        metrics = accuracy_report(chosen, rejected, subsets)
+        output_dir = Path(cfg.output_dir)
+        write_jsonl_atomic(output_dir / "scores.jsonl", (
+            {"index": i, "id": p.id, "subset": s, "chosen_reward": c, "rejected_reward": r,
+             "correct": c > r}
+            for i, (p, s, c, r) in enumerate(zip(pairs, subsets, chosen, rejected, strict=True))))
+        write_json_atomic(output_dir / "metrics.json", metrics)
+        return EvalResult(metrics=metrics, output_dir=output_dir, steps=total)

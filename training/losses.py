@@ -21,19 +21,22 @@ def bradley_terry_loss(
     delta: torch.Tensor,
     *,
     margin: torch.Tensor | float | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: torch.Tensor | float = 0.0,
 ) -> torch.Tensor:
     """Mean of ``−[(1−α)·log σ(Δ − m) + α·log σ(−(Δ − m))]`` over the batch.
 
     ``delta`` is r(chosen) − r(rejected); ``margin`` is a scalar or one value per pair (a
-    positive margin asks the chosen reward to exceed the rejected one by at least m).
+    positive margin asks the chosen reward to exceed the rejected one by at least m);
+    ``label_smoothing`` α likewise: the paper's soft label smooths only the pairs whose
+    preference strength says their label is doubtful (per-pair α), a global α all of them.
     """
-    if not 0.0 <= label_smoothing < 1.0:
+    alpha = torch.as_tensor(label_smoothing, dtype=delta.dtype, device=delta.device)
+    if bool((alpha < 0).any()) or bool((alpha >= 1).any()):
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     shifted = delta if margin is None else delta - margin
     loss = -F.logsigmoid(shifted)
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-shifted)
+    if bool((alpha > 0).any()):
+        loss = (1.0 - alpha) * loss - alpha * F.logsigmoid(-shifted)
     return loss.mean()
 
 
@@ -47,13 +50,13 @@ def contrastive_views(
 ) -> torch.Tensor:
     """Instances the contrastive loss sees for one dropout view, from pooled features (B, H).
 
-    ``pair``: every response is an instance (2B, H); ``difference``: every pair is one
-    instance, the difference of its chosen and rejected features (B, H).
+    ``pair``: every response is an instance (2B, H); ``difference``: the paper's preference-
+    difference set {f_c − f_r, f_r − f_c}, both signs of every pair's difference (2B, H).
     """
     if representation == "pair":
         return torch.cat([chosen, rejected], dim=0)
     if representation == "difference":
-        return chosen - rejected
+        return torch.cat([chosen - rejected, rejected - chosen], dim=0)
     raise ValueError(f"representation must be 'pair' or 'difference', got {representation!r}")
 
 
@@ -89,16 +92,24 @@ def reward_model_loss(
     *,
     weights: LossWeights,
     margin: torch.Tensor | float | None = None,
+    smoothing: torch.Tensor | float | None = None,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
     features_second_view: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rewards_second_view: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and its parts (floats, for logging).
 
+    ``smoothing``: per-pair α (default: ``weights.label_smoothing`` for every pair).
     ``features`` / ``features_second_view`` are (chosen, rejected) pooled features from two
-    forward passes with dropout active; needed only when ``weights.simcse_weight > 0``.
+    forward passes with dropout active, needed only when ``weights.simcse_weight > 0``; the
+    Bradley–Terry term then covers both views (``rewards_second_view``), as in the paper.
     """
+    alpha = weights.label_smoothing if smoothing is None else smoothing
     delta = chosen - rejected
-    bt = bradley_terry_loss(delta, margin=margin, label_smoothing=weights.label_smoothing)
+    bt = bradley_terry_loss(delta, margin=margin, label_smoothing=alpha)
+    if rewards_second_view is not None:
+        second = rewards_second_view[0] - rewards_second_view[1]
+        bt = 0.5 * (bt + bradley_terry_loss(second, margin=margin, label_smoothing=alpha))
     total = bt
     parts = {"bt_loss": float(bt.detach())}
     if weights.center_coef:

@@ -7,19 +7,24 @@ policy at snapshots θ_t, differentiate through an unrolled inner loop, or take 
 forward-mode directional derivative with :func:`torch.func.jvp`.
 
 Prompts are rendered with the tokenizer's chat template (a user turn plus the generation
-prompt) when it has one and plain text otherwise; a response is the assistant's text,
-followed by EOS under a chat template (the end of the turn is part of the answer) and not
-in plain-text mode (a continuation has no natural end).
+prompt) when it has one and plain text otherwise. A response given as text is the
+assistant's text, tokenized, followed by EOS under a chat template (the end of the turn is
+part of the answer) and not in plain-text mode (a continuation has no natural end). A
+response the policy sampled is a :class:`Sample`: its log-likelihood is that of the token
+ids it was sampled as (ending in EOS only if the model emitted EOS), never of its decoded
+text re-tokenized, which can split differently, lose tokens the decoder skips, or gain an
+EOS a truncated sample never had.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +36,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from training.atomic import utc_now, write_json_atomic
 from training.models import resolve_pretrained
+from training.precision import autocast, pick_device, pick_dtype
 from training.registry import METADATA_FILE
-from training.reward_model import pick_device, pick_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,24 @@ class LoraSpec:
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One response sampled from the policy.
+
+    ``text`` is what a reward model scores (decoded without special tokens, stripped);
+    ``token_ids`` are the generated ids exactly as sampled, up to and including the first
+    EOS and nothing after it (no padding); ``finished`` is True iff that EOS is there, False
+    when ``max_new_tokens`` cut the response.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finished: bool
+
+
+Response = str | Sample  # text is tokenized (+ EOS under a chat template); a Sample keeps its ids
 
 
 @dataclass
@@ -81,6 +104,7 @@ class Policy:
             raise ValueError(f"{reference}: chat_template=True but the tokenizer has none")
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
+        self.autocast_dtype: torch.dtype | None = None  # mixed precision (set by trainers)
         self._keeps_logits_by_mask = keeps_logits_by_mask(model)
         if tokenizer.pad_token_id is None:
             # Padding is always masked, so any id serves; EOS is what generate() expects.
@@ -179,10 +203,17 @@ class Policy:
             ids = [*ids, eos]
         return ids
 
-    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> PolicyBatch:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [(self.prompt_ids(p), self.response_ids(r)) for p, r in zip(prompts, responses, strict=True)]
+    def encode(self, prompts: Sequence[str], responses: Sequence[Response]) -> PolicyBatch:
+        """Prompts and responses → a batch; a :class:`Sample` keeps its sampled ids."""
+        return self.encode_ids(prompts, [r.token_ids if isinstance(r, Sample) else self.response_ids(r)
+                                         for r in responses])
+
+    def encode_ids(self, prompts: Sequence[str], response_ids: Sequence[Sequence[int]]) -> PolicyBatch:
+        """Prompts (rendered as for sampling) followed by these exact response ids: no
+        re-tokenization, no EOS appended, no truncation of the response."""
+        if len(prompts) != len(response_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(response_ids)} responses")
+        rows = [(self.prompt_ids(p), list(r)) for p, r in zip(prompts, response_ids, strict=True)]
         width = max(len(p) + len(r) for p, r in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -217,10 +248,13 @@ class Policy:
         }
         if self._keeps_logits_by_mask:
             inputs["logits_to_keep"] = predicts_response
-        if params is None:
-            logits = self.model(**inputs).logits
-        else:
-            logits = torch.func.functional_call(self.model, dict(params), args=(), kwargs=inputs).logits
+        with autocast(self.device, self.autocast_dtype):
+            if params is None:
+                logits = self.model(**inputs).logits
+            else:
+                logits = torch.func.functional_call(self.model, dict(params), args=(),
+                                                    kwargs=inputs).logits
+        logits = logits.to(self.dtype)  # the log-softmax in the weights' precision
         if not self._keeps_logits_by_mask:
             logits = logits[predicts_response]
         targets = batch.input_ids[:, 1:][predicts_response[:, :-1]]
@@ -233,7 +267,7 @@ class Policy:
     def sequence_logprobs(
         self,
         prompts: Sequence[str],
-        responses: Sequence[str],
+        responses: Sequence[Response],
         *,
         params: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -243,7 +277,7 @@ class Policy:
     def logprobs_chunked(
         self,
         prompts: Sequence[str],
-        responses: Sequence[str],
+        responses: Sequence[Response],
         *,
         batch_size: int = 16,
         reference: bool = False,
@@ -261,6 +295,15 @@ class Policy:
             return torch.zeros(0)
         return torch.cat(out).float().cpu()
 
+    @contextlib.contextmanager
+    def full_precision(self) -> Iterator[None]:
+        """No mixed precision inside (finite differences: a bf16 central difference is noise)."""
+        saved, self.autocast_dtype = self.autocast_dtype, None
+        try:
+            yield
+        finally:
+            self.autocast_dtype = saved
+
     def reference_mode(self):
         """Context in which the model is π_ref: the LoRA adapter disabled."""
         if not self.is_lora:
@@ -268,8 +311,12 @@ class Policy:
         return self.model.disable_adapter()
 
     # ------------------------------------------------------------------ sampling
+    def sample(self, prompts: Sequence[str], k: int = 1, **sampling: Any) -> list[list[str]]:
+        """The texts of :meth:`sample_responses` (same arguments): what a reward model scores."""
+        return [[s.text for s in group] for group in self.sample_responses(prompts, k, **sampling)]
+
     @torch.no_grad()
-    def sample(
+    def sample_responses(
         self,
         prompts: Sequence[str],
         k: int = 1,
@@ -279,12 +326,13 @@ class Policy:
         top_p: float = 1.0,
         seed: int = 0,
         batch_size: int = 16,
-    ) -> list[list[str]]:
-        """k responses per prompt (``temperature=0``: greedy, k copies), in prompt order."""
+    ) -> list[list[Sample]]:
+        """k samples per prompt (``temperature=0``: greedy, k copies), in prompt order."""
         tok = self.tokenizer
+        eos = tok.eos_token_id
         was_training = self.model.training
         self.model.eval()
-        results: list[list[str]] = []
+        results: list[list[Sample]] = []
         prompts_per_call = max(1, batch_size // max(k, 1))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -297,25 +345,35 @@ class Policy:
                     input_ids[i, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
                     attention[i, width - len(ids) :] = 1
                 sampling = temperature > 0
-                generated = self.model.generate(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=attention.to(self.device),
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
-                    top_k=0 if sampling else None,
-                    num_return_sequences=k if sampling else 1,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                    eos_token_id=tok.eos_token_id,
-                )
-                texts = tok.batch_decode(generated[:, width:], skip_special_tokens=True)
+                with autocast(self.device, self.autocast_dtype):
+                    generated = self.model.generate(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=attention.to(self.device),
+                        do_sample=sampling,
+                        temperature=temperature if sampling else None,
+                        top_p=top_p if sampling else None,
+                        top_k=0 if sampling else None,
+                        num_return_sequences=k if sampling else 1,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tok.pad_token_id,
+                        eos_token_id=eos,
+                    )
+                samples = [self._as_sample(row) for row in generated[:, width:].tolist()]
                 if not sampling:  # greedy: one decode per prompt, repeated
-                    texts = [t for t in texts for _ in range(k)]
+                    samples = [s for s in samples for _ in range(k)]
                 for i in range(len(chunk)):
-                    results.append([t.strip() for t in texts[i * k : (i + 1) * k]])
+                    results.append(samples[i * k : (i + 1) * k])
         self.model.train(was_training)
         return results
+
+    def _as_sample(self, generated: list[int]) -> Sample:
+        """A row of generate()'s new tokens → the sample: cut after the first EOS (what
+        follows is padding); a row without EOS ran to ``max_new_tokens``."""
+        eos = self.tokenizer.eos_token_id
+        finished = eos is not None and eos in generated
+        ids = generated[: generated.index(eos) + 1] if finished else generated
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return Sample(text, tuple(ids), finished)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(
@@ -329,7 +387,9 @@ class Policy:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.is_lora and merge:
-            merged = copy.deepcopy(self.model).merge_and_unload()
+            # one dtype for the saved model: the base may hold bf16 copies of frozen layers
+            # (training.precision.cast_frozen_linears)
+            merged = copy.deepcopy(self.model).merge_and_unload().to(self.dtype)
             merged.save_pretrained(str(directory), safe_serialization=True)
         else:
             self.model.save_pretrained(str(directory), safe_serialization=True)
@@ -380,15 +440,17 @@ def lora_from_fields(r: int, alpha: int, targets: list[str] | None) -> LoraSpec 
 def kl_estimate(
     policy: Policy,
     prompts: Sequence[str],
-    responses: Sequence[str],
+    responses: Sequence[Response],
     reference: Policy | None = None,
     *,
     batch_size: int = 16,
 ) -> float:
     """Monte-Carlo KL(π‖π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)] over samples of π.
 
-    ``responses`` must be samples of ``policy``; ``reference=None`` means the policy with
-    its LoRA adapter disabled.
+    ``responses`` must be samples of ``policy``, given as :class:`Sample` records so that
+    both log-likelihoods are of the tokens that were sampled (text would be re-tokenized,
+    which is not what π drew); ``reference=None`` means the policy with its LoRA adapter
+    disabled.
     """
     if not prompts:
         return 0.0

@@ -24,12 +24,15 @@ when its target cannot load.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -381,6 +384,33 @@ class Registry:
                     raise RegistryError(f"{name}@{target} already exists") from exc
                 continue  # another publisher took this number first: take the next one
             return ModelVersion(name, target, model_dir / target, record)
+
+    @contextlib.contextmanager
+    def _metadata_lock(self, path: Path) -> Iterator[None]:
+        """One writer at a time of a version's ``generalrm.json`` (processes on this host;
+        across hosts on a shared volume the last of two simultaneous writers wins)."""
+        with open(path / ".generalrm.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def add_evaluation(self, name: str, version: str | int,
+                       evaluation: dict[str, Any]) -> ModelVersion:
+        """Append ``evaluation`` to the ``evaluations`` list of a version's metadata, written
+        atomically. An entry with the same ``job_id`` is replaced, so a job that runs twice
+        records once. Everything else in the metadata is left as it was."""
+        found = self.get(name, version)
+        with self._metadata_lock(found.path):
+            current = self.get(name, version).metadata  # re-read under the lock
+            job_id = evaluation.get("job_id")
+            kept = [e for e in current.get("evaluations", [])
+                    if not (job_id and isinstance(e, dict) and e.get("job_id") == job_id)]
+            record = {**current, "evaluations": [*kept, {"created_at": utc_now(), **evaluation}]}
+            write_text_atomic(found.path / METADATA_FILE,
+                              json.dumps(record, indent=2, sort_keys=True, default=str))
+        return ModelVersion(found.name, found.version, found.path, record)
 
     def set_alias(self, name: str, alias: str, version: str | int) -> ModelVersion:
         """Point ``alias`` at ``version`` (atomically); the version must be complete."""

@@ -36,6 +36,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from training.precision import (
+    Precision,
+    autocast,
+    canonical_rows_and_length,
+    pick_device,
+    resolve_precision,
+)
+
 log = logging.getLogger(__name__)
 
 Item = Mapping[str, Any]
@@ -47,21 +55,6 @@ class InputError(ValueError):
 
 class InputTooLongError(InputError):
     """An item exceeds ``max_input_tokens`` and the client asked not to truncate."""
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU; bf16 on GPUs that have it, fp16 on the others."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 class ModelLoadError(ValueError):
@@ -129,8 +122,10 @@ class RewardModel:
         name: str = "",
         max_input_tokens: int = 512,
         reward_index: int = 0,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.autocast_dtype = autocast_dtype  # mixed precision of the forward (None: off)
         self.tokenizer = tokenizer
         self.name = name
         self.max_input_tokens = min(max_input_tokens, self._model_max_positions())
@@ -174,7 +169,7 @@ class RewardModel:
                 f"{name or source}: the directory holds no tokenizer files; save the tokenizer "
                 "with the model (tokenizer.save_pretrained(dir))")
         torch_device = pick_device(device)
-        torch_dtype = pick_dtype(dtype, torch_device)
+        precision = resolve_precision(dtype, torch_device)
         try:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         except ValueError as exc:
@@ -189,7 +184,7 @@ class RewardModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, dtype=torch_dtype, output_loading_info=True,
+                source, num_labels=num_labels, dtype=precision.weights, output_loading_info=True,
                 trust_remote_code=trust_remote_code, **model_kwargs,
             )
         # any weight the checkpoint lacks is random: the head, or a pooler the head reads
@@ -204,7 +199,7 @@ class RewardModel:
         model.to(torch_device).eval()
         index = reward_index(model.config, reward_label, name or source)
         return cls(model, tokenizer, name=name or source, max_input_tokens=max_input_tokens,
-                   reward_index=index)
+                   reward_index=index, autocast_dtype=precision.autocast)
 
     def save_pretrained(self, directory: str | Path,
                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -232,6 +227,16 @@ class RewardModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def precision(self) -> Precision:
+        return Precision(next(self.model.parameters()).dtype, self.autocast_dtype)
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether scoring pads batches to canonical shapes (bf16 on a CPU: see
+        :func:`training.precision.canonical_rows_and_length`)."""
+        return self.autocast_dtype is not None and self.device.type == "cpu"
 
     # ------------------------------------------------------------------ text -> ids
     def render(self, item: Item) -> ItemText:
@@ -293,9 +298,10 @@ class RewardModel:
         return Encoded([ids[k] for k in keep], [types[k] for k in keep] if types is not None else None)
 
     # ------------------------------------------------------------------ scoring
-    def pad(self, batch: Sequence[Encoded]) -> dict[str, torch.Tensor]:
-        """Right-padded model inputs of a batch: input_ids, attention_mask (and token_type_ids)."""
-        width = max(len(item) for item in batch)
+    def pad(self, batch: Sequence[Encoded], width: int | None = None) -> dict[str, torch.Tensor]:
+        """Right-padded model inputs of a batch: input_ids, attention_mask (and token_type_ids);
+        ``width``: pad to this length instead of the longest item's."""
+        width = width or max(len(item) for item in batch)
         input_ids = torch.full((len(batch), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, item in enumerate(batch):
@@ -316,18 +322,26 @@ class RewardModel:
         inputs: Mapping[str, torch.Tensor],
         *,
         return_features: bool = False,
+        params: Mapping[str, torch.Tensor] | None = None,
         module: torch.nn.Module | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Rewards of shape (B,), differentiable; optionally the pooled features (B, H).
 
         ``inputs`` come from :meth:`pad`. The features are the hidden state the head reads:
-        the last attended token for decoders, the first token for encoders. ``module``: what
-        to run instead of ``self.model`` — a distributed wrapper of it (DDP) in training.
+        the last attended token for decoders, the first token for encoders. ``params``
+        substitutes some of the model's parameters (by name) for this call only, so that a
+        caller can differentiate through a step of them (MetaRM's second-order rule).
+        ``module``: what to run instead of ``self.model`` — a distributed wrapper of it (DDP)
+        in training.
         """
         last = inputs["attention_mask"].sum(dim=1) - 1
         rows = torch.arange(inputs["input_ids"].shape[0], device=inputs["input_ids"].device)
-        with self._capture_score_logits() as captured:
-            out = (module or self.model)(**inputs, output_hidden_states=return_features)
+        kwargs = {**inputs, "output_hidden_states": return_features}
+        with self._capture_score_logits() as captured, autocast(self.device, self.autocast_dtype):
+            if params is None:
+                out = (module or self.model)(**kwargs)
+            else:
+                out = torch.func.functional_call(self.model, dict(params), args=(), kwargs=kwargs)
         k = self.reward_index
         rewards = captured["logits"][rows, last, k] if self.is_decoder else out.logits[:, k]
         if not return_features:
@@ -352,14 +366,20 @@ class RewardModel:
         finally:
             handle.remove()
 
-    def rewards(self, items: Sequence[Item], *, truncate: bool = True) -> torch.Tensor:
+    def rewards(self, items: Sequence[Item], *, truncate: bool = True,
+                params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Differentiable rewards of ``items`` in one padded forward pass, shape (B,)."""
-        return self.forward(self.pad(self.encode_many(items, truncate=truncate)))
+        return self.forward(self.pad(self.encode_many(items, truncate=truncate)), params=params)
 
     @torch.inference_mode()
     def score_ids(self, batch: Sequence[Encoded]) -> list[float]:
-        """Scores of one padded forward pass over already encoded items."""
-        return self.forward(self.pad(batch)).float().cpu().tolist()
+        """Scores of one padded forward pass over already encoded items; in bf16 on a CPU the
+        batch is scored in its canonical shape, so that a score does not depend on the batch."""
+        if not self.fixed_shapes:
+            return self.forward(self.pad(batch)).float().cpu().tolist()
+        rows, width = canonical_rows_and_length(len(batch), max(len(item) for item in batch))
+        padded = [*batch, *[batch[0]] * (rows - len(batch))]  # fillers, discarded
+        return self.forward(self.pad(padded, width)).float().cpu().tolist()[: len(batch)]
 
     def score(
         self, items: Sequence[Item], *, truncate: bool = True, batch_size: int = 32

@@ -20,8 +20,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", "-c", type=int, default=1,
                         help="job processes at once (default: %(default)s)")
     parser.add_argument("--loglevel", "-l", default=os.environ.get("GENERALRM_LOG_LEVEL", "info"))
-    parser.add_argument("--hostname", "-n", default=f"generalrm@{socket.gethostname()}-{os.getpid()}",
-                        help="unique worker name (default: %(default)s)")
+    parser.add_argument("--hostname", "-n",
+                        default=os.environ.get("GENERALRM_WORKER_NAME")
+                        or f"generalrm@{socket.gethostname()}-{os.getpid()}",
+                        help="unique worker (Celery node) name; a health check pings it "
+                        "(default: $GENERALRM_WORKER_NAME, else %(default)s)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.queues.split(",")) - set(QUEUES))
     if unknown:

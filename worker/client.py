@@ -9,7 +9,8 @@ Record shape (JSON-ready)::
     {"id", "kind", "queue", "spec", "status": "queued|running|succeeded|failed|cancelled",
      "attempt", "max_attempts", "heartbeat", "worker", "progress": {"step", "total", ...},
      "metrics", "artifacts", "error": null | {"type", "message"}, "attempts": [...],
-     "cancel_requested", "created_at", "updated_at"}   # times: ISO-8601 UTC
+     "cancel_requested", "created_at", "updated_at",
+     "finished_at"}    # times: ISO-8601 UTC; finished_at is null until a final status
 """
 
 from __future__ import annotations

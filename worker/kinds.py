@@ -15,7 +15,7 @@ from typing import Any
 
 from training.metarm.config import MetaRMConfig
 from worker.celery_app import MULTI_QUEUE
-from worker.jobs import adapt, diagnostic, meta_train, metarm, strength, train_rm
+from worker.jobs import adapt, diagnostic, evaluate, meta_train, metarm, strength, train_rm
 from worker.specs import JobContext, JobOutcome, ValidationContext, job_processes
 
 
@@ -65,6 +65,11 @@ KINDS: dict[str, JobKind] = {
         "OOD-PL meta-test: adapt a policy to a domain's prompts (optionally MetaRM rounds); "
         "publishes the policy (and the domain-adapted RM)",
         adapt.deprecated_keys,
+    ),
+    evaluate.KIND: JobKind(
+        evaluate.KIND, "train", evaluate.validate, evaluate.run,
+        "accuracy of an RM on a preference file (RewardBench sections when its subsets are "
+        "RewardBench's); stored with the model version",
     ),
 }
 

@@ -168,6 +168,18 @@ class AdaptSpec(JobSpec):
                                          "RM, with params.metarm (default rm-<domain>)")
 
 
+class EvaluateSpec(JobSpec):
+    """``evaluate``: accuracy of an RM on a preference file (TRL or RewardBench format), per
+    subset and overall, with RewardBench's section weighting when the subsets are its own;
+    stored with the model version when the model is a registry version."""
+
+    kind: ClassVar[str] = "evaluate"
+    eval_file: DataPath = Field(description="preference pairs JSONL {prompt, chosen, rejected, "
+                                "subset?, id?}")
+    model: ModelRef = Field(description="the RM: registry reference, short name, local "
+                            "directory or hub id")
+
+
 class SleepStepsSpec(JobSpec):
     """``sleep_steps`` (diagnostic): counts steps, optionally crashing its worker."""
 
@@ -175,6 +187,11 @@ class SleepStepsSpec(JobSpec):
     steps: int = Field(10, ge=1, le=100_000)
     step_seconds: float = Field(0.1, ge=0, le=60)
     crash_at_step: int | None = Field(None, ge=1)
+
+
+PUBLIC_SPECS: tuple[type[JobSpec], ...] = (
+    TrainRMSpec, StrengthSpec, MetaTrainSpec, MetaRMSpec, AdaptSpec, EvaluateSpec)
+"""The spec of every job kind a client may submit (the diagnostic one is not among them)."""
 
 
 # ---------------------------------------------------------------------- contexts

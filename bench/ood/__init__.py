@@ -11,8 +11,8 @@ For each task (CSG, KA) and seed, on the benchmark's source domains:
              the ``bt`` RM, then R rounds on the held-out domain (sample from the current
              policy → update the RM on the pooled source pairs with those samples as the meta
              set → adapt the policy; the ``bt`` adaptation steps split over the rounds). Vanilla
-             is meta_lr 0; ``metarm`` keeps the ascent (apply_at phi_prime), ``metarm-phi`` is
-             the DESIGN §7 form (apply_at phi). Per round: the variance of reward differences
+             is meta_lr 0; ``metarm`` keeps the ascent (update: alternating), ``metarm-phi`` is
+             the DESIGN §7 form (update: first_order, the paper's rule). Per round: the variance of reward differences
              among responses to the same prompt on the policy's samples.
 
 Every policy is scored on each held-out domain's test split: PL accuracy (share of test

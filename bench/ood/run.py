@@ -170,7 +170,9 @@ def meta_train_config(s: Settings, *, chat: bool, output_dir: Path, seed: int,
         outer_steps=s.outer_steps, inner_steps=s.inner_steps, inner_lr=s.inner_lr,
         outer_lr=s.outer_lr, beta=s.beta, responses_per_prompt=s.responses_per_prompt,
         inner_batch_prompts=s.inner_batch_prompts, outer_batch_pairs=s.outer_batch_pairs,
-        directional=s.directional, pl_length_normalized=s.pl_length_normalized,
+        directional=s.directional,
+        # the v1 tables' settings: first-order hypergradient, margins from a boolean switch
+        hypergradient="first_order", outer_margin="per_token" if s.pl_length_normalized else "sum",
         output_dir=str(output_dir), checkpoint_every=0, eval_pairs=eval_pairs,
         max_response_tokens=64, device="cpu", seed=seed)
 
@@ -244,7 +246,8 @@ def run_seed(task: str, seed: int, s: Settings, cost: Cost,
                         responses_per_prompt=s.responses_per_prompt, beta=s.beta,
                         steps=s.adapt_steps, learning_rate=s.adapt_lr,
                         batch_prompts=s.adapt_batch_prompts, eval_prompts=0, eval_pairs=0,
-                        eval_before=False, checkpoint_every=0, max_response_tokens=64,
+                        # evaluated below on the test split: every training row trains
+                        eval_before=False, eval_holdout=0, checkpoint_every=0, max_response_tokens=64,
                         output_dir=str(work / f"adapt-{method}-{domain}"), **common),
                     prompts=train_rows)
                 adapter.train()

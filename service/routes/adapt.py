@@ -7,10 +7,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.deps import JobsDep, ManagerDep
+from service.errors import JOB_ERRORS, error_responses
 from service.jobs import submit_job
 from service.schemas import AdaptRequest
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(*JOB_ERRORS))
 
 
 @router.post("/adapt", status_code=202)

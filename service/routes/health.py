@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import ManagerDep
-from service.errors import NotReady
+from service.errors import NotReady, error_responses
 
 router = APIRouter()
-ready_router = APIRouter()  # behind the API key, unlike /health
+ready_router = APIRouter(responses=error_responses(503))  # behind the API key, unlike /health
 
 
 @router.get("/health")
@@ -23,7 +23,7 @@ async def ready(manager: ManagerDep) -> dict[str, str]:
     current = manager.current
     if current is None:
         raise NotReady(manager.load_error or f"loading model {manager.reference!r}")
-    body = {"status": "ready", "model": current.label}
+    body = {"status": "ready", "model": current.label, "precision": current.rm.precision.name}
     if manager.fallback:
         body["fallback"] = manager.fallback
     return body

@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import JobsDep
-from service.errors import InvalidInput, NotFound
+from service.errors import JOB_ERRORS, InvalidInput, NotFound, error_responses
 from service.jobs import submit_job
 from service.schemas import JobRequest
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(*JOB_ERRORS))
 
 
 @router.post("/jobs", status_code=202)

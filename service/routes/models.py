@@ -8,10 +8,11 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import ManagerDep, RegistryDep
+from service.errors import MODEL_ERRORS, error_responses
 from service.schemas import AliasRequest
 from training.registry import normalize_version
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(*MODEL_ERRORS))
 
 def _served(manager) -> dict[str, Any] | None:
     current = manager.current

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter
 
 from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
+from service.errors import SCORING_ERRORS, error_responses
 from service.schemas import (
     ConversationPair,
     PreferenceRequest,
@@ -15,14 +14,7 @@ from service.schemas import (
     PromptPair,
     Usage,
 )
-from service.scoring import check_item_count, encode_and_score
-
-
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
+from service.scoring import check_item_count, encode_and_score, sigmoid
 
 
 def _sides(item: PromptPair | ConversationPair) -> tuple[dict, dict]:
@@ -34,7 +26,7 @@ def _sides(item: PromptPair | ConversationPair) -> tuple[dict, dict]:
     )
 
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(*SCORING_ERRORS))
 
 
 @router.post("/preference", response_model=PreferenceResponse)
@@ -49,7 +41,7 @@ async def preference(
         settings.item_char_limit,
     )
     results = [
-        PreferenceResult(reward_a=a, reward_b=b, p_a_over_b=_sigmoid(a - b))
+        PreferenceResult(reward_a=a, reward_b=b, p_a_over_b=sigmoid(a - b))
         for a, b in zip(rewards[0::2], rewards[1::2], strict=True)
     ]
     return PreferenceResponse(model=model.label, results=results, usage=Usage(tokens=tokens))

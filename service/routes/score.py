@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.deps import EngineDep, ManagerDep, SettingsDep, served_model
+from service.errors import SCORING_ERRORS, error_responses
 from service.schemas import ScoreRequest, ScoreResponse, Usage
 from service.scoring import check_item_count, encode_and_score, normalize
 
-router = APIRouter()
+router = APIRouter(responses=error_responses(*SCORING_ERRORS))
 
 
 @router.post("/score", response_model=ScoreResponse)

@@ -94,10 +94,14 @@ def test_adapt_over_http_publishes_a_policy(stack, tiny_policy: Path) -> None:
     assert record["artifacts"]["model"] == "policy-Cooking@v1"
     metrics = record["metrics"]
     for key in ("reward_before", "reward_after", "kl_to_reference", "pl_accuracy_before",
-                "pl_accuracy_after"):
+                "pl_accuracy_after", "pl_margin_improved", "train_reward_before",
+                "train_reward_after", "train_kl_to_reference"):
         assert isinstance(metrics[key], float), key
     assert 0.0 <= metrics["pl_accuracy_after"] <= 1.0 and metrics["kl_to_reference"] > -1e-3
+    assert 0.0 <= metrics["pl_margin_improved"] <= 1.0
     assert metrics["num_prompts"] == len(PROMPTS) and metrics["steps"] == 2
+    # the default eval_holdout (0.2) holds one of the three prompts out of training
+    assert (metrics["heldout_prompts"], metrics["train_prompts"]) == (1, 2)
 
     listed = _listed(url, "policy-Cooking")
     assert listed["kind"] == "policy" and listed["aliases"] == {"latest": "v1"}
@@ -243,6 +247,7 @@ def test_meta_train_job_publishes_an_rm_version(stack, tiny_policy: Path) -> Non
         ({"domain": "x"}, "prompts"),
         ({"domain": "x", "prompts": PROMPTS, "dataset": "cooking.prompts.jsonl"}, "not both"),
         ({"domain": "x", "prompts": PROMPTS, "params": {"stepz": 2}}, "stepz"),
+        ({"domain": "x", "prompts": PROMPTS, "params": {"eval_holdout": 1.5}}, "eval_holdout"),
         ({"domain": "x", "dataset": "../../etc/passwd"}, "outside the data directory"),
         ({"domain": "x", "prompts": PROMPTS, "reward_model": "nosuch:production"}, "reward_model"),
         ({"domain": "x", "prompts": PROMPTS, "params": {"metarm": {"rounds": 1}}},

@@ -1,10 +1,11 @@
 """Jobs over several processes: real redis-server, real ``python -m worker`` processes, and the
 trainer launched with ``accelerate launch`` over 2 CPU processes (gloo) on the tiny RM.
 
-The tiny encoder here has no dropout, so a run is a function of its data alone and the loss
-curves of 1 and 2 processes can be compared value by value. Tolerance: the largest per-step
-difference of the training loss may be ``CURVE_TOLERANCE``; what differs is float rounding
-(each rank pads its share to its own length; the gradient is summed over two ranks).
+The tiny encoder here has no dropout and the runs are fp32 (``bf16: false``), so a run is a
+function of its data alone and the loss curves of 1 and 2 processes can be compared value by
+value. Tolerance: the largest per-step difference of the training loss may be
+``CURVE_TOLERANCE``; what differs is float rounding (each rank pads its share to its own
+length; the gradient is summed over two ranks). bf16 autocast: ``tests/training/test_launch.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _spec(model: Path, name: str, processes: int = 1, **params) -> dict:
     spec = {"train_file": "train.jsonl", "eval_file": "eval.jsonl", "model": str(model),
             "name": name,
             "params": {"batch_size": 8, "max_length": 32, "learning_rate": 1e-3,
-                       "warmup_ratio": 0.0, "device": "cpu", **params}}
+                       "warmup_ratio": 0.0, "device": "cpu", "bf16": False, **params}}
     if processes > 1:
         spec["resources"] = {"processes": processes, "strategy": "ddp"}
     return spec

@@ -78,3 +78,24 @@ def test_up_serves_runs_jobs_and_stops_everything_on_ctrl_c(tmp_path: Path, tiny
     time.sleep(0.2)
     for pid in children:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.parametrize("how", ["setting", "option"])
+def test_the_stacks_redis_port_is_a_setting_and_an_option(tmp_path: Path, how: str) -> None:
+    import socket
+
+    with socket.socket() as taken:  # a port in use: `up` must refuse it before starting anything
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GENERALRM_")}
+        env["GENERALRM_ARTIFACTS_DIR"] = str(tmp_path / "artifacts")
+        args = [sys.executable, "-m", "service.cli", "up"]
+        if how == "setting":
+            env["GENERALRM_STACK_REDIS_PORT"] = str(port)
+        else:
+            env["GENERALRM_STACK_REDIS_PORT"] = "1"  # the option wins over the setting
+            args += ["--redis-port", str(port)]
+        result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"port {port} is taken" in result.stdout + result.stderr

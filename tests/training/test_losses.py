@@ -70,8 +70,9 @@ def test_contrastive_representations() -> None:
     chosen = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     rejected = torch.tensor([[0.5, 0.5], [1.0, 1.0]])
     assert torch.equal(contrastive_views(chosen, rejected, "pair"), torch.cat([chosen, rejected]))
+    # the paper's preference-difference set: both signs of every pair's difference
     assert torch.equal(contrastive_views(chosen, rejected, "difference"),
-                       torch.tensor([[0.5, 1.5], [2.0, 3.0]]))
+                       torch.tensor([[0.5, 1.5], [2.0, 3.0], [-0.5, -1.5], [-2.0, -3.0]]))
     with pytest.raises(ValueError):
         contrastive_views(chosen, rejected, "sum")
 
@@ -86,11 +87,14 @@ def test_total_loss_is_the_weighted_sum_of_its_terms() -> None:
                                      features=f1, features_second_view=f2)
     bt = sum(0.9 * softplus(d - 0.2) + 0.1 * softplus(-(d - 0.2)) for d in (1.0, -0.5)) / 2
     center = (1.0**2 + 0.5**2) / 2
-    expected = bt + 0.5 * center + 0.3 * softplus(1.0)
+    # instances {e1, e2, −e1, −e2} in both views: each row's positive has cos 1, its opposite
+    # −1 and the two others 0, so every row's loss is log(e + 2 + 1/e) − 1
+    contrastive = math.log(math.e + 2 + 1 / math.e) - 1
+    expected = bt + 0.5 * center + 0.3 * contrastive
     assert float(total) == pytest.approx(expected)
     assert parts["bt_loss"] == pytest.approx(bt)
     assert parts["center_loss"] == pytest.approx(center)
-    assert parts["simcse_loss"] == pytest.approx(softplus(1.0))
+    assert parts["simcse_loss"] == pytest.approx(contrastive)
     assert parts["batch_accuracy"] == 0.5
     with pytest.raises(ValueError, match="dropout views"):
         reward_model_loss(chosen, rejected, weights=weights)
@@ -106,3 +110,23 @@ def test_total_loss_is_differentiable_in_rewards_and_features() -> None:
                                  features_second_view=(feats[0] * 1.1, feats[1] * 0.9 + 0.1))
     total.backward()
     assert chosen.grad is not None and feats.grad is not None and feats.grad.abs().sum() > 0
+
+
+def test_per_pair_smoothing_smooths_only_the_pairs_given_an_alpha() -> None:
+    delta = torch.tensor([2.0, 2.0])
+    loss = bradley_terry_loss(delta, label_smoothing=torch.tensor([0.0, 0.2]))
+    expected = (softplus(2.0) + 0.8 * softplus(2.0) + 0.2 * softplus(-2.0)) / 2
+    assert float(loss) == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        bradley_terry_loss(delta, label_smoothing=torch.tensor([0.0, 1.0]))
+
+
+def test_with_simcse_the_bradley_terry_term_covers_both_dropout_views() -> None:
+    weights = LossWeights(simcse_weight=1.0, simcse_temperature=1.0)
+    features = (torch.eye(2), torch.zeros(2, 2))
+    _, parts = reward_model_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), weights=weights,
+                                 features=features, features_second_view=features,
+                                 rewards_second_view=(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 0.0])))
+    first = (softplus(1.0) + softplus(0.0)) / 2
+    second = (softplus(3.0) + softplus(0.0)) / 2
+    assert parts["bt_loss"] == pytest.approx((first + second) / 2)

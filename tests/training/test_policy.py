@@ -5,15 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.policy import LoraSpec, Policy, keeps_logits_by_mask, kl_estimate
+from training.policy import LoraSpec, Policy, Sample, keeps_logits_by_mask, kl_estimate
 
 PROMPTS = ["how are you today?", "what does this word mean? it means"]
 RESPONSES = ["good great", "a small animal that lives in the forest"]
 
 
-def manual_logprob(policy: Policy, prompt: str, response: str) -> float:
-    """Token by token, no padding: the definition of log π(y|x)."""
-    prompt_ids, response_ids = policy.prompt_ids(prompt), policy.response_ids(response)
+def manual_logprob(policy: Policy, prompt: str, response: str | list[int]) -> float:
+    """Token by token, no padding: the definition of log π(y|x) (``response`` as text, or as
+    the exact response ids)."""
+    prompt_ids = policy.prompt_ids(prompt)
+    response_ids = policy.response_ids(response) if isinstance(response, str) else list(response)
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logp = torch.log_softmax(policy.model(input_ids=ids).logits[0].double(), dim=-1)
@@ -120,3 +122,94 @@ def test_models_without_mask_logits_to_keep_use_full_logits():
 
     assert not keeps_logits_by_mask(IntOnly())
     assert not keeps_logits_by_mask(NoArgument())
+
+
+# ---------------------------------------------------------------------- samples keep their ids
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_a_samples_log_prob_is_the_sum_of_its_sampled_tokens_log_probs(tiny_policy, chat_template):
+    """generate() run again with the same seed yields the same tokens; the log-softmax of
+    the logits it sampled them from, summed up to and including EOS, is log π of the sample."""
+    policy = Policy.from_pretrained(tiny_policy, device="cpu", chat_template=chat_template)
+    prompt, k, new = PROMPTS[0], 6, 12
+    (samples,) = policy.sample_responses([prompt], k, max_new_tokens=new, seed=3)
+    prompt_ids = torch.tensor([policy.prompt_ids(prompt)])
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(3)
+        out = policy.model.generate(
+            input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
+            temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=k, max_new_tokens=new,
+            pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=policy.tokenizer.eos_token_id,
+            return_dict_in_generate=True, output_logits=True)
+    step_logp = torch.log_softmax(torch.stack(out.logits, dim=1).double(), dim=-1)
+    measured = policy.logprobs_chunked([prompt] * k, samples)
+    for i, sample in enumerate(samples):
+        n = len(sample.token_ids)
+        assert list(sample.token_ids) == out.sequences[i, prompt_ids.shape[1]:][:n].tolist()
+        expected = sum(float(step_logp[i, t, tok]) for t, tok in enumerate(sample.token_ids))
+        assert measured[i].item() == pytest.approx(expected, abs=1e-3)
+        assert measured[i].item() == pytest.approx(manual_logprob(policy, prompt, list(sample.token_ids)),
+                                                   abs=1e-3)
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_truncated_samples_get_no_eos_and_finished_ones_end_at_their_first(tiny_policy, chat_template):
+    policy = Policy.from_pretrained(tiny_policy, device="cpu", chat_template=chat_template)
+    eos, new = policy.tokenizer.eos_token_id, 16
+    groups = policy.sample_responses(PROMPTS, 8, max_new_tokens=new, seed=5)
+    samples = [s for group in groups for s in group]
+    prompts = [p for p, group in zip(PROMPTS, groups, strict=True) for _ in group]
+    finished = [s for s in samples if s.finished]
+    truncated = [s for s in samples if not s.finished]
+    assert finished and truncated  # the random tiny LM emits EOS now and then: both kinds occur
+    for s in truncated:
+        assert len(s.token_ids) == new and eos not in s.token_ids
+    for s in finished:  # nothing after the first EOS: the padding generate() adds is not kept
+        assert s.token_ids[-1] == eos and s.token_ids.count(eos) == 1 and len(s.token_ids) <= new
+    batch = policy.encode(prompts, samples)
+    for i, s in enumerate(samples):  # the batch holds exactly the sampled ids, no EOS appended
+        response = batch.input_ids[i][batch.response_mask[i].bool()].tolist()
+        assert response == list(s.token_ids)
+    texts = [s.text for s in samples]
+    assert policy.sample(PROMPTS, 8, max_new_tokens=new, seed=5) == [texts[i:i + 8] for i in (0, 8)]
+    if chat_template:  # the text path would have given every truncated sample an EOS
+        assert all(policy.response_ids(s.text)[-1] == eos for s in truncated)
+
+
+def test_a_sample_that_re_tokenizes_differently_keeps_its_sampled_ids_log_prob(tiny_policy):
+    policy = Policy.from_pretrained(tiny_policy, device="cpu")
+    tok = policy.tokenizer
+    # "good" is one token (or two) for the tokenizer; spelled letter by letter it is other ids
+    spelled = tuple(tok.convert_tokens_to_ids(list("good")))
+    assert tok.decode(list(spelled)) == "good" and list(spelled) != tok("good", add_special_tokens=False)["input_ids"]
+    constructed = Sample("good", spelled, finished=False)
+    groups = policy.sample_responses(PROMPTS, 4, max_new_tokens=8, seed=2)
+    sampled = [(p, s) for p, group in zip(PROMPTS, groups, strict=True) for s in group]
+    differ = [(p, s) for p, s in sampled if policy.response_ids(s.text) != list(s.token_ids)]
+    assert differ  # random tokens decode to text that splits (and ends) otherwise
+    for prompt, sample in [(PROMPTS[0], constructed), *differ]:
+        from_ids = policy.logprobs_chunked([prompt], [sample]).item()
+        from_text = policy.logprobs_chunked([prompt], [sample.text]).item()
+        assert from_ids == pytest.approx(manual_logprob(policy, prompt, list(sample.token_ids)), abs=1e-3)
+        assert from_text == pytest.approx(manual_logprob(policy, prompt, sample.text), abs=1e-3)
+        assert from_ids != pytest.approx(from_text, abs=1e-3)
+
+
+def test_kl_estimate_on_samples_uses_their_ids(tiny_policy):
+    policy = Policy.from_pretrained(tiny_policy, device="cpu", lora=LoraSpec(r=4, alpha=8))
+    groups = policy.sample_responses(PROMPTS, 3, max_new_tokens=6, seed=4)
+    samples = [s for group in groups for s in group]
+    prompts = [p for p, group in zip(PROMPTS, groups, strict=True) for _ in group]
+    assert kl_estimate(policy, prompts, samples) == pytest.approx(0.0, abs=1e-5)  # B = 0 at init
+    with torch.no_grad():
+        for p in policy.trainable_parameters().values():
+            p.add_(0.3 * torch.randn_like(p))
+    adapted = [manual_logprob(policy, p, list(s.token_ids)) for p, s in zip(prompts, samples, strict=True)]
+    with policy.reference_mode():
+        reference = [manual_logprob(policy, p, list(s.token_ids)) for p, s in zip(prompts, samples, strict=True)]
+    expected = sum(a - r for a, r in zip(adapted, reference, strict=True)) / len(samples)
+    on_ids = kl_estimate(policy, prompts, samples)
+    assert on_ids == pytest.approx(expected, abs=1e-3)
+    assert on_ids != pytest.approx(kl_estimate(policy, prompts, [s.text for s in samples]), abs=1e-3)
+    # a full fine-tuned policy against a separate reference model takes samples the same way
+    full = Policy.from_pretrained(tiny_policy, device="cpu")
+    assert kl_estimate(full, prompts, samples, Policy.from_pretrained(tiny_policy, device="cpu")) == 0.0

@@ -27,22 +27,32 @@ ITEMS = [
 ]
 
 
+# The batch-invariance contract per precision (README, "How scoring works"): fp32 to 1e-4
+# absolute; bf16 autocast (CPU, canonical shapes) to 1 % of the spread of the scores.
+FP32_TOLERANCE = 1e-4
+BF16_SHARE_OF_SPREAD = 0.01
+
+
 def assert_batch_invariant(rm: RewardModel, items=ITEMS) -> None:
     together = rm.score(items, batch_size=len(items))
     alone = [rm.score([item])[0] for item in items]
     reversed_batch = rm.score(items[::-1], batch_size=len(items))[::-1]
-    assert together == pytest.approx(alone, abs=1e-4)
-    assert reversed_batch == pytest.approx(alone, abs=1e-4)
+    spread = float(torch.tensor(alone).std())
+    tolerance = FP32_TOLERANCE if rm.autocast_dtype is None else BF16_SHARE_OF_SPREAD * spread
+    assert together == pytest.approx(alone, abs=tolerance)
+    assert reversed_batch == pytest.approx(alone, abs=tolerance)
     # the items differ, so equal scores would mean the model ignores its input
     assert len({round(s, 5) for s in alone}) == len(alone)
 
 
-def test_tiny_encoder_scores_do_not_depend_on_the_batch(tiny_encoder_rm):
-    assert_batch_invariant(RewardModel.from_pretrained(tiny_encoder_rm))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_encoder_scores_do_not_depend_on_the_batch(tiny_encoder_rm, dtype):
+    assert_batch_invariant(RewardModel.from_pretrained(tiny_encoder_rm, dtype=dtype))
 
 
-def test_tiny_decoder_scores_do_not_depend_on_the_batch(tiny_decoder_rm):
-    rm = RewardModel.from_pretrained(tiny_decoder_rm)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_decoder_scores_do_not_depend_on_the_batch(tiny_decoder_rm, dtype):
+    rm = RewardModel.from_pretrained(tiny_decoder_rm, dtype=dtype)
     assert rm.is_decoder
     assert rm.tokenizer.pad_token == rm.tokenizer.eos_token  # the model shipped without one
     assert_batch_invariant(rm)
@@ -54,14 +64,28 @@ def test_decoder_without_chat_template_scores_do_not_depend_on_the_batch(tmp_pat
 
 
 @pytest.mark.slow
-def test_real_minilm_scores_do_not_depend_on_the_batch():
-    rm = RewardModel.from_pretrained(resolve_pretrained("minilm"))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_real_minilm_scores_do_not_depend_on_the_batch(dtype):
+    rm = RewardModel.from_pretrained(resolve_pretrained("minilm"), dtype=dtype)
     assert_batch_invariant(rm)
+
+
+def test_bf16_scores_are_computed_in_their_canonical_shape(tiny_encoder_rm):
+    rm = RewardModel.from_pretrained(tiny_encoder_rm, dtype="bfloat16", device="cpu")
+    assert rm.fixed_shapes and rm.precision.name == "bfloat16 autocast"
+    assert not RewardModel.from_pretrained(tiny_encoder_rm, dtype="float32").fixed_shapes
+    seen = []
+    hook = rm.model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(kw["input_ids"].shape),
+                                              with_kwargs=True)
+    rm.score([ITEMS[0]])
+    hook.remove()
+    rows, length = seen[0]
+    assert length % 32 == 0 and length > len(rm.encode(ITEMS[0])) and rows * length >= 512
 
 
 def test_decoder_pools_the_last_real_token_even_when_it_is_the_pad_token(tiny_decoder_rm):
     """With pad == EOS and a template ending in EOS, HF's own pooling picks a wrong token."""
-    rm = RewardModel.from_pretrained(tiny_decoder_rm)
+    rm = RewardModel.from_pretrained(tiny_decoder_rm, dtype="float32")
     encoded = rm.encode(ITEMS[0])
     ids = encoded.input_ids
     assert ids[-1] == rm.tokenizer.pad_token_id
@@ -137,7 +161,7 @@ def test_batched_encoding_gives_the_same_ids_as_one_by_one(request, fixture):
 
 def test_an_encoder_scores_what_hugging_faces_own_forward_computes(tiny_encoder_rm):
     """token_type_ids included: the response is BERT's second segment, as the tokenizer says."""
-    rm = RewardModel.from_pretrained(tiny_encoder_rm, device="cpu")
+    rm = RewardModel.from_pretrained(tiny_encoder_rm, device="cpu", dtype="float32")
     model = AutoModelForSequenceClassification.from_pretrained(tiny_encoder_rm).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_encoder_rm)
     for item in ITEMS[:3]:
@@ -156,7 +180,7 @@ def test_a_decoder_scores_what_hugging_faces_own_forward_computes(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.pad_token = "<unk>"  # a pad that is not EOS, so HF's own pooling finds the end
     tokenizer.save_pretrained(directory)
-    rm = RewardModel.from_pretrained(directory, device="cpu")
+    rm = RewardModel.from_pretrained(directory, device="cpu", dtype="float32")
     model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
     model.config.pad_token_id = tokenizer.pad_token_id
     item = ITEMS[3]
@@ -189,7 +213,8 @@ def test_a_multi_label_classifier_needs_its_reward_label(tmp_path):
     model.save_pretrained(directory)
     with pytest.raises(ModelLoadError, match="2 labels"):
         RewardModel.from_pretrained(directory, allow_new_head=False)
-    by_name = RewardModel.from_pretrained(directory, allow_new_head=False, reward_label="good")
+    by_name = RewardModel.from_pretrained(directory, allow_new_head=False, reward_label="good",
+                                          dtype="float32")
     by_index = RewardModel.from_pretrained(directory, allow_new_head=False, reward_label=1)
     assert by_name.reward_index == by_index.reward_index == 1
     with torch.inference_mode():

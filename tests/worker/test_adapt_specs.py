@@ -97,6 +97,8 @@ def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
     given = {**adapt_spec, "prompts": None, "dataset": "samples.jsonl",
              "params": {"steps": 2, "use_given_responses": True}}
     assert client.validate("adapt", given)["params"]["use_given_responses"] is True
+    held = {**adapt_spec, "params": {**adapt_spec["params"], "eval_holdout": 0.5}}
+    assert client.validate("adapt", held)["params"]["eval_holdout"] == 0.5
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,9 @@ def test_adapt_defaults(client: JobClient, adapt_spec: dict) -> None:
         ({"params": {"stepz": 3}}, "stepz"),
         ({"params": {"steps": 0}}, "steps"),
         ({"params": {"responses_per_prompt": 1}}, "responses_per_prompt"),
+        ({"params": {"eval_holdout": 1.0}}, "eval_holdout"),
+        ({"params": {"eval_holdout": -0.1}}, "eval_holdout"),
+        ({"params": {"eval_holdout": "some"}}, "eval_holdout"),
         ({"params": {"output_dir": "/tmp/x"}}, "set by the spec"),
         ({"params": {"bench_root": "/etc"}}, "set by the spec"),
         ({"params": {"prompts": ["x"]}}, "set by the spec"),

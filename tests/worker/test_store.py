@@ -154,3 +154,21 @@ def test_every_call_raises_job_store_unavailable_without_redis(tmp_path) -> None
     for call in calls:
         with pytest.raises(JobStoreUnavailable, match="cannot reach Redis"):
             call()
+
+
+def test_finished_at_is_set_once_a_job_reaches_a_final_status(jobs: JobHarness) -> None:
+    store = jobs.client.store
+    assert _create(store)["finished_at"] is None
+    store.claim("job-1", "token-a", 5, 2, "worker-a")
+    assert store.get("job-1")["finished_at"] is None  # running is not final
+    store.finish_if_owner("job-1", "token-a", "succeeded")
+    done = store.get("job-1")
+    assert done["finished_at"] == done["updated_at"] and done["finished_at"] >= done["created_at"]
+    _create(store, "job-2")
+    store.cancel("job-2")  # queued: cancelled at once
+    assert store.get("job-2")["finished_at"] is not None
+    _create(store, "job-3", max_attempts=1)
+    store.claim("job-3", "token-a", 0.05, 1, "worker-a")
+    time.sleep(0.2)  # the lease expires: the worker is presumed dead, at the attempt cap
+    assert store.reap("job-3", 1, 0.05) == "failed"
+    assert store.get("job-3")["finished_at"] is not None

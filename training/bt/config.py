@@ -59,6 +59,12 @@ class RMTrainConfig(TrainerConfig):
     # --- Secrets of RLHF II
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="α of the smoothed BT loss "
                                    "(α ≥ 0.5 would reward preferring the rejected response)")
+    smooth_pairs: Literal["negative", "fraction", "all"] = Field(
+        "negative", description="which pairs get α: the paper's soft label smooths the pairs "
+        "whose strength is negative (negative) or the smoothing_fraction lowest (fraction), "
+        "from the strength file; all: every pair (a global α, no strength needed)")
+    smoothing_fraction: float = Field(0.1, gt=0, lt=1, description="share of pairs (lowest μ̂) "
+                                      "smoothed when smooth_pairs = fraction")
     margin: MarginMode = Field("none", description="none, fixed (margin_value) or adaptive "
                                "(margin_scale × μ̂ from the strength file)")
     margin_value: float = Field(0.0, description="m when margin = fixed")
@@ -75,7 +81,11 @@ class RMTrainConfig(TrainerConfig):
                                  "forward pass and the SimCSE term")
     simcse_temperature: float = Field(0.05, gt=0, description="τ of the SimCSE term")
     simcse_representation: Literal["pair", "difference"] = Field(
-        "difference", description="SimCSE instances: f_c − f_r per pair, or every response")
+        "difference", description="SimCSE instances: the paper's difference set "
+        "{f_c − f_r, f_r − f_c}, or every response (pair)")
+    simcse_dropout: float | None = Field(0.05, ge=0, lt=1, description="dropout of the model's "
+                                         "layers while SimCSE trains (the paper's best: 0.05); "
+                                         "null: the model's own")
     # --- bookkeeping
     checkpoint_every: int = Field(100, ge=0, le=MAX_STEPS, description="steps between "
                                   "checkpoints (0: only on cancel)")
@@ -86,7 +96,8 @@ class RMTrainConfig(TrainerConfig):
     reward_stats_max_items: int = Field(4096, ge=1, le=10_000_000, description="training "
                                         "responses scored for reward_mean/reward_std")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (fp32 weights); ignored on CPU")
+    bf16: bool = Field(True, description="bf16 autocast (fp32 master weights) where the "
+                       "hardware has bf16 units: GPUs, CPUs with AMX/avx512_bf16")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -103,7 +114,8 @@ class RMTrainConfig(TrainerConfig):
 
     @property
     def needs_strength(self) -> bool:
-        return self.margin == "adaptive" or self.flip != "none"
+        smoothing_by_strength = self.label_smoothing > 0 and self.smooth_pairs != "all"
+        return self.margin == "adaptive" or self.flip != "none" or smoothing_by_strength
 
 
 # Set by the estimation itself for each member; a trainer_options value would be overwritten.

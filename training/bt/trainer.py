@@ -5,7 +5,7 @@ preference pairs and writes the final model (safetensors + tokenizer) to
 ``output_dir/model``. Options: label smoothing, margin (none / fixed / adaptive λ·μ̂ from
 preference strength), flipping the lowest-strength pairs (a fraction, or μ̂ < 0), reward
 centering, a SimCSE term on dropout views, LoRA or full fine-tuning, gradient accumulation,
-bf16 autocast on GPU. Checkpoints every ``checkpoint_every`` steps (and on cancel); a new
+bf16 autocast where the hardware has bf16 units (GPUs, CPUs with AMX). Checkpoints every ``checkpoint_every`` steps (and on cancel); a new
 trainer with the same ``output_dir`` resumes from the latest complete one and continues
 exactly as an uninterrupted run would (data order is a function of seed and step; RNG,
 optimizer and scheduler are restored).
@@ -53,7 +53,8 @@ from training.distributed import Processes
 from training.evaluate import evaluate_pairs, score_pairs
 from training.losses import LossWeights, reward_model_loss
 from training.models import resolve_pretrained
-from training.reward_model import RewardModel, pick_device
+from training.precision import mixed_precision, pick_device
+from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,14 @@ LOSS_HISTORY_FILE = "loss_history.json"  # the per-step training loss of the who
 
 
 # ---------------------------------------------------------------------- data
+def set_dropout(model: torch.nn.Module, probability: float) -> None:
+    """Every dropout layer of ``model`` at ``probability`` (SimCSE's views differ by dropout
+    alone; the paper's best setting used 0.05)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+
+
 def lowest_strength_indices(mu: list[float], mode: FlipMode, fraction: float) -> list[int]:
     """Indices of the pairs to flip: the ``fraction`` lowest μ̂, or every μ̂ < 0."""
     if mode == "none":
@@ -84,6 +93,18 @@ def apply_strength(
         pairs[i] = pairs[i].swapped()
         mu[i] = -mu[i]
     return pairs, mu, flipped
+
+
+def pair_smoothing(mu: list[float] | None, config: RMTrainConfig) -> list[float] | None:
+    """The per-pair α of the paper's soft label: α on the pairs whose strength says their label
+    is doubtful (μ̂ < 0, or the ``smoothing_fraction`` lowest μ̂), 0 on the others. None when
+    every pair gets the same α (``smooth_pairs: all``, or no smoothing)."""
+    if config.label_smoothing == 0 or config.smooth_pairs == "all":
+        return None
+    assert mu is not None  # needs_strength
+    mode = "negative" if config.smooth_pairs == "negative" else "fraction"
+    chosen = set(lowest_strength_indices(mu, mode, config.smoothing_fraction))
+    return [config.label_smoothing if i in chosen else 0.0 for i in range(len(mu))]
 
 
 def data_margins(pairs: list[PreferencePair], config: RMTrainConfig) -> list[float] | None:
@@ -113,7 +134,6 @@ class RMTrainer:
         self.output_dir = Path(config.output_dir)
         self.device = self.processes.device or pick_device(config.device)
         self.train_module: torch.nn.Module | None = None  # what training steps run through
-        self.use_bf16 = config.bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.weights = LossWeights(
             label_smoothing=config.label_smoothing,
             center_coef=config.center_coef,
@@ -132,6 +152,7 @@ class RMTrainer:
             mu = strength_for_pairs(cfg.resolved_strength_file, pairs)
             pairs, mu, self.flipped = apply_strength(pairs, mu, cfg)
             self.strength = mu
+        self.smoothing = pair_smoothing(self.strength, cfg)
         self.data_margins = data_margins(pairs, cfg)
         self.pairs = pairs
         self.eval_pairs = load_pairs(cfg.eval_file) if cfg.eval_file else []
@@ -144,6 +165,9 @@ class RMTrainer:
             source, device=self.processes.load_device(self.device), dtype="float32",
             max_input_tokens=cfg.max_length, seed=cfg.seed,
         )
+        self.rm.autocast_dtype = mixed_precision(self.device, cfg.bf16)
+        if cfg.simcse_weight > 0 and cfg.simcse_dropout is not None:
+            set_dropout(self.rm.model, cfg.simcse_dropout)
         if cfg.finetune == "lora":
             lora = LoraConfig(
                 task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -200,10 +224,9 @@ class RMTrainer:
         inputs = self.rm.pad([self.encoded[i][0] for i in indices] + [self.encoded[i][1] for i in indices])
         want_features = cfg.simcse_weight > 0
         module = self.train_module
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            out = self.rm.forward(inputs, return_features=want_features, module=module)
-            second = (self.rm.forward(inputs, return_features=True, module=module)
-                      if want_features else None)
+        out = self.rm.forward(inputs, return_features=want_features, module=module)
+        second = (self.rm.forward(inputs, return_features=True, module=module)
+                  if want_features else None)
         rewards, features = out if want_features else (out, None)
         rewards = rewards.float()
         margin = None
@@ -215,10 +238,16 @@ class RMTrainer:
             assert self.strength is not None
             mu = torch.tensor([self.strength[i] for i in indices], device=rewards.device)
             margin = cfg.margin_scale * mu
+        smoothing = None
+        if self.smoothing is not None:
+            smoothing = torch.tensor([self.smoothing[i] for i in indices], device=rewards.device)
+        second_rewards = second[0].float() if second is not None else None
         return reward_model_loss(
-            rewards[:n], rewards[n:], weights=self.weights, margin=margin,
+            rewards[:n], rewards[n:], weights=self.weights, margin=margin, smoothing=smoothing,
             features=(features[:n], features[n:]) if features is not None else None,
             features_second_view=(second[1][:n], second[1][n:]) if second is not None else None,
+            rewards_second_view=(second_rewards[:n], second_rewards[n:])
+            if second_rewards is not None else None,
         )
 
     def _optimizer_step(self, step: int) -> dict[str, float]:

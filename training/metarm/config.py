@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -17,7 +17,10 @@ class MetaRMConfig(TrainerConfig):
     """Everything a MetaRM run needs; every field has a default except the data."""
 
     renamed = {"pairs_path": "pairs_file", "samples_path": "samples_file", "lr": "learning_rate",
-               "max_input_tokens": "max_length"}
+               "max_input_tokens": "max_length", "apply_at": "update"}
+    # the old apply_at values, as update values: phi was the paper's first-order rule, and
+    # phi_prime kept the ascent (alternating ascent on J and descent on L_BT)
+    APPLY_AT: ClassVar[dict[str, str]] = {"phi": "first_order", "phi_prime": "alternating"}
 
     model: str = Field("minilm", description="RM to start from: short name (minilm), local "
                        "directory or hub id")
@@ -41,10 +44,17 @@ class MetaRMConfig(TrainerConfig):
                           "fractional values allowed")
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="stop after this many "
                                   "steps even if the epochs are not done")
-    apply_at: Literal["phi", "phi_prime"] = Field(
-        "phi_prime", description="where the BT step lands. phi_prime: the ascent is kept, "
-        "φ ← φ' − lr·∇L_BT(φ'). phi: the ascent is undone and the gradient taken at φ' is "
-        "applied to φ (README, MetaRM)")
+    update: Literal["first_order", "second_order", "alternating"] = Field(
+        "first_order", description="first_order: the paper's rule, φ ← φ − lr·∇L_BT(φ') (the "
+        "gradient at φ' = φ + η∇J(φ) applied to φ); second_order: the same rule differentiated "
+        "through the ascent, (I + η∇²J)·∇L_BT(φ'); alternating: a different algorithm that "
+        "keeps the ascent, φ ← φ' − lr·∇L_BT(φ')")
+    standardize: bool = Field(True, description="J on rewards divided by their std on the "
+                              "step's source pairs: the ascent cannot raise J by inflating the "
+                              "reward scale")
+    meta_max_grad_norm: float | None = Field(1.0, gt=0, description="clip of ∇J before the "
+                                             "ascent step (an unbounded step can blow the "
+                                             "scale up); null: no clip")
     learning_rate: float = Field(1e-5, gt=0, le=10, description="learning rate of the optimizer "
                                  "applying the BT gradient")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or plain sgd "
@@ -60,7 +70,9 @@ class MetaRMConfig(TrainerConfig):
                             "(prompt, response)")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
+        "auto", description="weights' dtype (auto: fp32 on CPU, bf16/fp16 on GPU)")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")
     seed: int = Field(0, ge=0, description="data order, k-subsets, head init")
     checkpoint_every: int = Field(100, ge=1, le=MAX_STEPS, description="steps between "
                                   "checkpoints (also written on cancel and at the end)")
@@ -70,6 +82,15 @@ class MetaRMConfig(TrainerConfig):
                                       "for the accuracy diagnostic (the first N)")
     max_diagnostic_prompts: int = Field(256, ge=1, le=1_000_000, description="shifted prompts "
                                         "used for the reward-difference diagnostics (the first N)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_apply_at_values(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("apply_at", "update"):  # before or after the key's own renaming
+                if values.get(key) in cls.APPLY_AT:
+                    values = {**values, key: cls.APPLY_AT[values[key]]}
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> Self:

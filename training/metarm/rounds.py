@@ -3,7 +3,8 @@
 Round r = 1..R:
 
 1. sample k responses per domain prompt from the *current* policy (round 1: the reference
-   policy; later: the policy adapted in round r−1) — the shifted distribution;
+   policy; later: the policy adapted in round r−1) — the shifted distribution; the prompts
+   the Adapter holds out (``eval_holdout``) are left out, so its held-out numbers stay so;
 2. MetaRM update of the RM (round 1: the given RM; later: round r−1's) on the source
    preference data, with those samples as the meta set;
 3. adapt the policy to the domain with the updated, frozen RM (``training.adapt.Adapter``,
@@ -29,9 +30,10 @@ from training.data import load_benchmark, load_samples
 from training.metarm.config import MetaRMRoundsConfig
 from training.metarm.trainer import MetaRMTrainer
 from training.models import resolve_pretrained
-from training.oodpl.adapt import Adapter
+from training.oodpl.adapt import Adapter, holdout_split
 from training.oodpl.config import AdaptConfig
 from training.policy import Policy, lora_from_fields
+from training.precision import mixed_precision
 
 
 @dataclass
@@ -137,11 +139,14 @@ class MetaRMRounds:
             chat_template=adapt_config.chat_template,
         )
         if previous_policy_dir is not None:  # resuming after a complete round
-            return Policy.from_pretrained(previous_policy_dir, **common)
-        lora = lora_from_fields(
-            adapt_config.lora_r, adapt_config.lora_alpha, adapt_config.lora_targets
-        )
-        return Policy.from_pretrained(adapt_config.policy, lora=lora, **common)
+            policy = Policy.from_pretrained(previous_policy_dir, **common)
+        else:
+            lora = lora_from_fields(
+                adapt_config.lora_r, adapt_config.lora_alpha, adapt_config.lora_targets
+            )
+            policy = Policy.from_pretrained(adapt_config.policy, lora=lora, **common)
+        policy.autocast_dtype = mixed_precision(policy.device, adapt_config.bf16, policy.dtype)
+        return policy
 
     def _sample_meta_set(
         self, policy: Any, prompts: list[str], round_index: int, k: int, path: Path
@@ -171,7 +176,11 @@ class MetaRMRounds:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         first = cfg.adapt_config(1)
-        prompts = self._domain_prompts(first)
+        # the Adapter's held-out prompts (the same split every round: same config and seed)
+        # stay out of the meta set too, so that nothing is fitted on them
+        read = self._domain_prompts(first)[: first.max_prompts]
+        heldout = set(holdout_split(len(read), first.eval_holdout, first.seed))
+        prompts = [p for i, p in enumerate(read) if i not in heldout]
         source_pairs = self._load_source_pairs(first)
         reward_model = resolve_pretrained(first.reward_model, first.artifacts_dir)
         policy = None
@@ -233,7 +242,8 @@ class MetaRMRounds:
             for when in ("before", "after"):
                 if f"{key}_{when}" in last["metarm"]:
                     metrics[f"rm_{key}_{when}"] = last["metarm"][f"{key}_{when}"]
-        for key in ("reward_after", "gold_after", "pl_accuracy_after", "kl_to_reference"):
+        for key in ("reward_after", "gold_after", "pl_accuracy_after", "pl_margin_improved",
+                    "kl_to_reference"):
             if key in last["adapt"]:
                 metrics[f"policy_{key}"] = last["adapt"][key]
         # Per round, on that round's policy samples: the incoming RM, then the updated one.

@@ -37,6 +37,7 @@ from training.evaluate import score_pairs
 from training.losses import bradley_terry_loss
 from training.metarm.config import MetaRMConfig
 from training.models import resolve_pretrained
+from training.precision import mixed_precision
 from training.reward_model import RewardModel
 
 
@@ -67,15 +68,23 @@ def sample_groups(samples: Sequence[Any]) -> list[tuple[str, list[str]]]:
 
 
 # ---------------------------------------------------------------------------- objectives
-def pair_loss(rm: RewardModel, pairs: Sequence[PreferencePair]) -> torch.Tensor:
-    """The Bradley–Terry loss of ``pairs``, chosen and rejected in one padded forward pass."""
-    rewards = rm.rewards([p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs])
+def pair_loss(rm: RewardModel, pairs: Sequence[PreferencePair],
+              params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The Bradley–Terry loss of ``pairs``, chosen and rejected in one padded forward pass
+    (``params``: the RM's parameters substituted for this call, e.g. φ')."""
+    rewards = rm.rewards([p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs],
+                         params=params)
     return bradley_terry_loss(rewards[: len(pairs)] - rewards[len(pairs) :])
 
 
-def difference_objective(rm: RewardModel, groups: Sequence[tuple[str, list[str]]]) -> torch.Tensor:
-    """J = mean over prompts of ``2/k² · Σ_{i<j} σ(|r_i − r_j|)`` (k = that prompt's count)."""
-    rewards = rm.rewards([{"prompt": p, "response": s} for p, responses in groups for s in responses])
+def difference_objective(rm: RewardModel, groups: Sequence[tuple[str, list[str]]],
+                         scale: torch.Tensor | float = 1.0,
+                         params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """J = mean over prompts of ``2/k² · Σ_{i<j} σ(|r_i − r_j| / s)`` (k = that prompt's count);
+    ``scale`` s standardizes the rewards (their std on source pairs), so that J measures how
+    far apart the RM puts a prompt's responses relative to how far it puts anything apart."""
+    items = [{"prompt": p, "response": s} for p, responses in groups for s in responses]
+    rewards = rm.rewards(items, params=params) / scale
     per_prompt = []
     start = 0
     for _, responses in groups:
@@ -85,6 +94,15 @@ def difference_objective(rm: RewardModel, groups: Sequence[tuple[str, list[str]]
         i, j = torch.triu_indices(k, k, offset=1, device=r.device)
         per_prompt.append(2.0 / k**2 * torch.sigmoid((r[i] - r[j]).abs()).sum())
     return torch.stack(per_prompt).mean()
+
+
+def source_scale(rm: RewardModel, pairs: Sequence[PreferencePair],
+                 params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The std of the rewards of a batch of source pairs (both sides), differentiable: what J's
+    rewards are divided by."""
+    rewards = rm.rewards([p.chosen_item() for p in pairs] + [p.rejected_item() for p in pairs],
+                         params=params)
+    return rewards.std(unbiased=False).clamp(min=1e-6)
 
 
 # ---------------------------------------------------------------------------- diagnostics
@@ -103,8 +121,11 @@ def source_accuracy(rm: RewardModel, pairs: Sequence[PreferencePair]) -> dict[st
     }
 
 
-def reward_difference_stats(rm: RewardModel, groups: Sequence[tuple[str, list[str]]]) -> dict[str, float]:
-    """Reward differences among responses to the same prompt, over every ordered pair i ≠ j.
+def reward_difference_stats(rm: RewardModel, groups: Sequence[tuple[str, list[str]]],
+                            scale: float = 1.0) -> dict[str, float]:
+    """Reward differences among responses to the same prompt, over every ordered pair i ≠ j,
+    on rewards divided by ``scale`` (their std on source pairs: a larger reward scale alone
+    does not make an RM more discriminative, so the diagnostics must not reward it).
 
     The signed differences are symmetric (mean 0), so their variance is E[d²]; ``mean`` is
     E|d|, ``objective`` is J at these samples.
@@ -112,7 +133,7 @@ def reward_difference_stats(rm: RewardModel, groups: Sequence[tuple[str, list[st
     if not groups:
         return {}
     items = [{"prompt": p, "response": s} for p, responses in groups for s in responses]
-    rewards = torch.tensor(rm.score(items), dtype=torch.float64)
+    rewards = torch.tensor(rm.score(items), dtype=torch.float64) / scale
     diffs, objectives = [], []
     start = 0
     for _, responses in groups:
@@ -219,7 +240,10 @@ class MetaRMTrainer:
             dtype=cfg.dtype,
             max_input_tokens=cfg.max_length,
             seed=cfg.seed,
+            # double backward (the second-order rule) is implemented for eager attention only
+            **({"attn_implementation": "eager"} if cfg.update == "second_order" else {}),
         )
+        rm.autocast_dtype = mixed_precision(rm.device, cfg.bf16, rm.precision.weights)
         rm.model.train(not cfg.disable_dropout)
         for param in rm.model.parameters():
             param.requires_grad_(True)
@@ -237,7 +261,10 @@ class MetaRMTrainer:
         rm.model.eval()
         try:
             stats = source_accuracy(rm, pairs[: self.config.max_diagnostic_pairs])
-            stats.update(reward_difference_stats(rm, groups[: self.config.max_diagnostic_prompts]))
+            groups = groups[: self.config.max_diagnostic_prompts]
+            # standardized by the source rewards' std (what J sees), and raw
+            stats.update(reward_difference_stats(rm, groups, stats["reward_std"] or 1.0))
+            stats.update({f"{k}_raw": v for k, v in reward_difference_stats(rm, groups).items()})
         finally:
             rm.model.train(was_training)
         return stats
@@ -250,27 +277,49 @@ class MetaRMTrainer:
         pair_batch: Sequence[PreferencePair],
         meta_batch: Sequence[tuple[str, list[str]]],
     ) -> dict[str, float]:
-        """One MetaRM update of ``params`` (all of r_φ's trainable parameters)."""
+        """One MetaRM update of ``params`` (all of r_φ's trainable parameters).
+
+        With the ascent φ' = φ + η·ĝ, ĝ = ∇J(φ) clipped to ``meta_max_grad_norm``:
+        ``first_order`` applies ∇L_BT(φ') to φ; ``second_order`` applies the gradient of
+        L_BT(φ'(φ)) with respect to φ, autograd through the ascent, (I + η∇ĝ)·∇L_BT(φ');
+        ``alternating`` applies ∇L_BT(φ') to φ' (the ascent is kept).
+        """
         cfg = self.config
         stats: dict[str, float] = {}
-        snapshot: list[torch.Tensor] | None = None
-        if cfg.meta_lr > 0:
-            objective = difference_objective(rm, meta_batch)
-            ascent = torch.autograd.grad(objective, params, allow_unused=True)
-            if cfg.apply_at == "phi":
-                snapshot = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, g in zip(params, ascent, strict=True):
-                    if g is not None:
-                        p.add_(g, alpha=cfg.meta_lr)  # φ' = φ + η ∇J(φ)
-            stats["meta_objective"] = float(objective.detach())
         optimizer.zero_grad(set_to_none=True)
-        loss = pair_loss(rm, pair_batch)  # at φ'
-        loss.backward()
-        if snapshot is not None:
-            with torch.no_grad():
-                for p, saved in zip(params, snapshot, strict=True):
-                    p.copy_(saved)  # back to φ; .grad keeps ∇_φ' L_BT
+        if cfg.meta_lr == 0:
+            loss = pair_loss(rm, pair_batch)
+            loss.backward()
+        else:
+            second_order = cfg.update == "second_order"
+            scale = source_scale(rm, pair_batch) if cfg.standardize else 1.0
+            objective = difference_objective(rm, meta_batch, scale)
+            ascent = torch.autograd.grad(objective, params, allow_unused=True,
+                                         create_graph=second_order)
+            ascent = [torch.zeros_like(p) if g is None else g for g, p in zip(ascent, params, strict=True)]
+            norm = torch.sqrt(sum((g.detach().float() ** 2).sum() for g in ascent))
+            clip = 1.0
+            if cfg.meta_max_grad_norm is not None and float(norm) > cfg.meta_max_grad_norm:
+                clip = cfg.meta_max_grad_norm / float(norm)  # a constant: the step's length
+            step = cfg.meta_lr * clip
+            stats.update(meta_objective=float(objective.detach()), meta_grad_norm=float(norm),
+                         source_scale=float(scale.detach()) if cfg.standardize else 1.0)
+            if second_order:
+                names = [name for name, p in rm.model.named_parameters() if p.requires_grad]
+                shifted = {name: p + step * g for name, p, g in zip(names, params, ascent, strict=True)}
+                loss = pair_loss(rm, pair_batch, params=shifted)  # L_BT(φ'(φ))
+                loss.backward()
+            else:
+                snapshot = [p.detach().clone() for p in params]
+                with torch.no_grad():
+                    for p, g in zip(params, ascent, strict=True):
+                        p.add_(g, alpha=step)  # φ' = φ + η ĝ
+                loss = pair_loss(rm, pair_batch)  # at φ'
+                loss.backward()
+                if cfg.update == "first_order":
+                    with torch.no_grad():
+                        for p, saved in zip(params, snapshot, strict=True):
+                            p.copy_(saved)  # back to φ; .grad keeps ∇_φ' L_BT
         if cfg.max_grad_norm is not None:
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         optimizer.step()

@@ -4,20 +4,27 @@ With the reward model r_φ frozen: draw k responses per prompt from the referenc
 (the domain's sampling distribution p; or take the responses the domain ships), weight them
 w = softmax over each prompt's responses of r_φ/β — the fit of π* ∝ p·exp(r_φ/β), the
 optimum of KL(·‖p)-regularised reward maximisation — and maximise the weighted likelihood
-(1/n) Σ_j w_j log π_θ(ỹ_j|x̃_j) for N optimizer steps (LoRA or full fine-tuning).
+(1/n) Σ_j w_j log π_θ(ỹ_j|x̃_j) for N optimizer steps (LoRA or full fine-tuning). The
+draws are trained on as the token ids they were sampled as (:class:`training.policy.Sample`);
+the RM scores their decoded text, as serving does.
 
-Reported: RM reward of fresh samples before and after (same prompts, same sampling seed),
-a Monte-Carlo KL(π_θ‖π_ref) on the after-samples, PL accuracy (share of the domain's pairs
-with log π(y_w|x) > log π(y_l|x)) before and after when pairs are given, and the gold reward
-of the fresh samples when the caller passes a ``gold_fn``.
+A seeded share of the domain's prompts (``eval_holdout``) is held out of training. Reported
+on those held-out prompts: RM reward of fresh samples before and after (same sampling seed),
+a Monte-Carlo KL(π_θ‖π_ref) on the after-samples, and the gold reward of the fresh samples
+when the caller passes a ``gold_fn``; the same measured on the training prompts carries a
+``train_`` prefix (in-sample). With the domain's pairs: PL accuracy (share of pairs with
+A = log π(y_w|x) − log π(y_l|x) > 0) before and after, and ``pl_margin_improved``, the share
+of pairs whose reference-normalized margin A(θ) − A(θ_ref) is > 0 (0 for every pair at
+θ_ref; it does not saturate as σ(A) does and has no length bias).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,8 @@ from training.data import load_benchmark, load_pairs, load_samples
 from training.models import resolve_pretrained
 from training.oodpl.config import AdaptConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
-from training.policy import Policy, kl_estimate, lora_from_fields
+from training.policy import Policy, Response, Sample, kl_estimate, lora_from_fields
+from training.precision import cast_frozen_linears, mixed_precision
 from training.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
@@ -69,14 +77,29 @@ def _as_rows(items: Sequence[Any]) -> list[PromptRow]:
     return rows
 
 
+def holdout_split(count: int, share: float, seed: int) -> list[int]:
+    """Sorted indices of the held-out prompts among ``count``: round(share·count) of them,
+    at least one when ``share > 0`` and ``count >= 2``, and never all (something must be
+    trained on); a seeded choice, the same for the same (count, share, seed)."""
+    if share <= 0 or count < 2:
+        return []
+    size = min(count - 1, max(1, round(share * count)))
+    return sorted(random.Random(f"eval_holdout:{seed}").sample(range(count), size))
+
+
+def pl_margins(policy: Policy, pairs: Sequence[Any], batch_size: int = 16) -> torch.Tensor:
+    """A = log π(y_w|x) − log π(y_l|x) per pair."""
+    prompts = [p.prompt for p in pairs]
+    chosen = policy.logprobs_chunked(prompts, [p.chosen for p in pairs], batch_size=batch_size)
+    rejected = policy.logprobs_chunked(prompts, [p.rejected for p in pairs], batch_size=batch_size)
+    return chosen - rejected
+
+
 def pl_accuracy(policy: Policy, pairs: Sequence[Any], batch_size: int = 16) -> float | None:
     """Share of pairs with log π(y_w|x) > log π(y_l|x); None without pairs."""
     if not pairs:
         return None
-    prompts = [p.prompt for p in pairs]
-    chosen = policy.logprobs_chunked(prompts, [p.chosen for p in pairs], batch_size=batch_size)
-    rejected = policy.logprobs_chunked(prompts, [p.rejected for p in pairs], batch_size=batch_size)
-    return float((chosen > rejected).float().mean())
+    return float((pl_margins(policy, pairs, batch_size) > 0).float().mean())
 
 
 @torch.no_grad()
@@ -106,6 +129,7 @@ class Adapter:
         self.rm = reward_model
         self.policy = policy
         self.reference: Policy | None = None  # only for full fine-tuning (LoRA disables itself)
+        self.heldout: list[int] = []  # indices into self.rows of the prompts not trained on
 
     # ------------------------------------------------------------------ setup
     def _load_data(self) -> tuple[list[PromptRow], list[Any]]:
@@ -127,7 +151,7 @@ class Adapter:
         if c.pairs_file is not None and not pairs:
             pairs = list(load_pairs(c.pairs_file))
         if c.max_prompts is not None:
-            rows = rows[: c.max_prompts]
+            rows = rows[: c.max_prompts]  # before the held-out split: it draws from these
         if not rows:
             raise ConfigError("no prompts to adapt on")
         if c.use_given_responses and any(len(r.responses) < 2 for r in rows):
@@ -138,6 +162,7 @@ class Adapter:
         c = self.config
         torch.manual_seed(c.seed)
         self.rows, self.pairs = self._load_data()
+        self.heldout = holdout_split(len(self.rows), c.eval_holdout, c.seed)
         if self.rm is None:
             self.rm = RewardModel.from_pretrained(
                 resolve_pretrained(c.reward_model, c.artifacts_dir), device=c.device,
@@ -154,6 +179,13 @@ class Adapter:
             self.policy = Policy.from_pretrained(c.policy, lora=lora, **common)
         if not self.policy.is_lora:
             self.reference = Policy.from_pretrained(c.policy, trainable=False, **common)
+        for policy in (self.policy, self.reference):
+            if policy is not None:
+                policy.autocast_dtype = mixed_precision(policy.device, c.bf16, policy.dtype)
+                if not c.merge:  # a merge must add the adapter to the fp32 base weights
+                    cast_frozen_linears(policy.model, policy.autocast_dtype)
+        self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
+        cast_frozen_linears(self.rm.model, self.rm.autocast_dtype)
         params = list(self.policy.trainable_parameters().values())
         if c.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=c.learning_rate)
@@ -161,69 +193,105 @@ class Adapter:
             self.optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=0.0)
 
     # ------------------------------------------------------------------ pieces
-    def _sample_reference(self, prompts: Sequence[str], k: int, seed: int) -> list[list[str]]:
-        c = self.config
-        sampler = self.reference or self.policy
-        kwargs = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                      seed=seed, batch_size=c.sample_batch_size)
+    @property
+    def train_rows(self) -> list[PromptRow]:
+        held = set(self.heldout)
+        return [r for i, r in enumerate(self.rows) if i not in held]
+
+    @property
+    def heldout_rows(self) -> list[PromptRow]:
+        return [self.rows[i] for i in self.heldout]
+
+    @contextlib.contextmanager
+    def _reference(self) -> Iterator[Policy]:
+        """π_ref: the separate reference (full fine-tuning) or the policy with its LoRA
+        adapter disabled."""
         if self.reference is None and self.policy.is_lora:
             with self.policy.reference_mode():
-                return sampler.sample(prompts, k, **kwargs)
-        return sampler.sample(prompts, k, **kwargs)
+                yield self.policy
+        else:
+            yield self.reference or self.policy
+
+    def _sample(self, policy: Policy, prompts: Sequence[str], k: int, seed: int) -> list[list[Sample]]:
+        c = self.config
+        return policy.sample_responses(prompts, k, max_new_tokens=c.max_new_tokens,
+                                       temperature=c.temperature, top_p=c.top_p, seed=seed,
+                                       batch_size=c.sample_batch_size)
 
     def build_training_set(self) -> dict[str, Any]:
-        """Draws from p for every prompt and their weights under the frozen RM."""
+        """Draws from p for every training prompt and their weights under the frozen RM.
+
+        Sampled draws keep their token ids (``response_ids``, ``finished``): training
+        raises the likelihood of what was sampled; the RM scores the decoded text."""
         c = self.config
-        if c.use_given_responses:
+        rows = self.train_rows
+        data: dict[str, Any] = {"heldout": list(self.heldout)}
+        if c.use_given_responses:  # text from the caller: nothing was sampled, text is all there is
             rng = random.Random(c.seed)
             draws = [r.responses if len(r.responses) <= c.responses_per_prompt
-                     else rng.sample(r.responses, c.responses_per_prompt) for r in self.rows]
+                     else rng.sample(r.responses, c.responses_per_prompt) for r in rows]
+            responses = [y for d in draws for y in d]
         else:
-            draws = self._sample_reference([r.prompt for r in self.rows], c.responses_per_prompt, c.seed)
+            with self._reference() as reference:
+                draws = self._sample(reference, [r.prompt for r in rows], c.responses_per_prompt, c.seed)
+            samples = [y for d in draws for y in d]
+            responses = [y.text for y in samples]
+            data["response_ids"] = [list(y.token_ids) for y in samples]
+            data["finished"] = [y.finished for y in samples]
         groups = [len(d) for d in draws]
-        prompts = [r.prompt for r, d in zip(self.rows, draws, strict=True) for _ in d]
-        responses = [y for d in draws for y in d]
+        prompts = [r.prompt for r, d in zip(rows, draws, strict=True) for _ in d]
         rewards = torch.tensor(score_rm(self.rm, prompts, responses), dtype=torch.float64)
         weights = group_softmax(rewards, groups, c.beta)
-        return {"prompts": prompts, "responses": responses, "groups": groups,
+        return {**data, "prompts": prompts, "responses": responses, "groups": groups,
                 "weights": weights.tolist(), "rewards": rewards.tolist()}
 
     def evaluate(self, *, adapted: bool) -> dict[str, Any]:
-        """RM (and gold) reward of fresh samples, KL to the reference, PL accuracy."""
+        """On fresh samples of the held-out prompts (``reward``, ``gold``, ``kl_to_reference``)
+        and of the training prompts (the same with a ``train_`` prefix): RM (and gold)
+        reward, and for the adapted policy the KL to the reference; with pairs, PL accuracy
+        and, for the adapted policy, ``pl_margin_improved``. ``adapted=False`` measures π_ref."""
+        if not adapted:
+            with self._reference() as reference:
+                return self._evaluate(reference, adapted=False)
+        out = self._evaluate(self.policy, adapted=True)
+        if self.pairs:
+            margins = pl_margins(self.policy, self.pairs)
+            with self._reference() as reference:
+                reference_margins = pl_margins(reference, self.pairs)
+            out["pl_margin_improved"] = float((margins - reference_margins > 0).float().mean())
+        return out
+
+    def _evaluate(self, policy: Policy, *, adapted: bool) -> dict[str, Any]:
         c = self.config
-        eval_rows = self.rows[: c.eval_prompts]
         out: dict[str, Any] = {}
-        if eval_rows:
-            prompts = [r.prompt for r in eval_rows]
-            seed = c.seed + 104729  # fresh: not the training draws, the same before and after
-            if adapted:
-                samples = self.policy.sample(
-                    prompts, c.eval_responses_per_prompt, max_new_tokens=c.max_new_tokens,
-                    temperature=c.temperature, top_p=c.top_p, seed=seed,
-                    batch_size=c.sample_batch_size)
-            else:
-                samples = self._sample_reference(prompts, c.eval_responses_per_prompt, seed)
-            flat_rows = [r for r, s in zip(eval_rows, samples, strict=True) for _ in s]
-            flat_prompts = [r.prompt for r in flat_rows]
-            flat = [y for s in samples for y in s]
-            rewards = score_rm(self.rm, flat_prompts, flat)
-            out["reward"] = sum(rewards) / len(rewards)
-            if self.gold_fn is not None:
-                golds = [self.gold_fn(r.source, y) for r, y in zip(flat_rows, flat, strict=True)]
-                out["gold"] = sum(golds) / len(golds)
-            if adapted:
-                out["kl_to_reference"] = kl_estimate(self.policy, flat_prompts, flat, self.reference)
-            out["samples"] = [{"prompt": p, "response": y} for p, y in zip(flat_prompts, flat, strict=True)][:8]
-        accuracy = pl_accuracy(self.policy if adapted else (self.reference or self.policy), self.pairs)
+        for prefix, rows in (("", self.heldout_rows), ("train_", self.train_rows)):
+            out.update(self._measure(policy, rows[: c.eval_prompts], prefix, adapted=adapted))
+        accuracy = pl_accuracy(policy, self.pairs)
         if accuracy is not None:
             out["pl_accuracy"] = accuracy
         return out
 
-    def _evaluate_reference(self) -> dict[str, Any]:
-        if self.reference is None and self.policy.is_lora:
-            with self.policy.reference_mode():
-                return self.evaluate(adapted=False)
-        return self.evaluate(adapted=False)
+    def _measure(self, policy: Policy, rows: list[PromptRow], prefix: str, *,
+                 adapted: bool) -> dict[str, Any]:
+        if not rows:
+            return {}
+        c = self.config
+        seed = c.seed + 104729  # fresh: not the training draws, the same before and after
+        groups = self._sample(policy, [r.prompt for r in rows], c.eval_responses_per_prompt, seed)
+        flat_rows = [r for r, g in zip(rows, groups, strict=True) for _ in g]
+        prompts = [r.prompt for r in flat_rows]
+        samples = [y for g in groups for y in g]
+        texts = [y.text for y in samples]
+        rewards = score_rm(self.rm, prompts, texts)
+        out: dict[str, Any] = {f"{prefix}reward": sum(rewards) / len(rewards)}
+        if self.gold_fn is not None:
+            golds = [self.gold_fn(r.source, y) for r, y in zip(flat_rows, texts, strict=True)]
+            out[f"{prefix}gold"] = sum(golds) / len(golds)
+        if adapted:
+            out[f"{prefix}kl_to_reference"] = kl_estimate(policy, prompts, samples, self.reference)
+        out[f"{prefix}samples"] = [{"prompt": p, "response": y}
+                                   for p, y in zip(prompts, texts, strict=True)][:8]
+        return out
 
     # ------------------------------------------------------------------ run
     def _checkpoint(self, step: int, extra: dict[str, Any]) -> Path:
@@ -233,6 +301,19 @@ class Adapter:
             config=c, extra=extra, keep=c.keep_checkpoints,
         )
 
+    def _resumed(self, data: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+        """Adopt a checkpoint's split; a checkpoint from before held-out prompts existed
+        trained on every prompt, so its numbers are in-sample: nothing is held out and its
+        ``before`` measurements become the ``train_`` ones."""
+        if "heldout" in data:
+            self.heldout = list(data["heldout"])
+            return before
+        log.warning("checkpoint without a held-out split: every prompt was trained on, "
+                    "only in-sample (train_*) numbers are reported")
+        self.heldout = data["heldout"] = []  # the checkpoint re-saved says so from now on
+        moved = ("reward", "gold", "samples")
+        return {(f"train_{k}" if k in moved else k): v for k, v in before.items()}
+
     def train(self) -> AdaptResult:
         c = self.config
         started = time.monotonic()
@@ -241,13 +322,15 @@ class Adapter:
         if latest is not None:
             state = restore_checkpoint(latest, model={"policy": self.policy.model}, optimizer=self.optimizer)
             start, extra = int(state["step"]), state["extra"]
-            data, before = extra["data"], extra["before"]
+            data = extra["data"]
+            before = self._resumed(data, extra["before"])
             log.info("resumed adaptation from %s (step %d)", latest, start)
         else:
             start = 0
-            before = self._evaluate_reference() if c.eval_before else {}
+            before = self.evaluate(adapted=False) if c.eval_before else {}
             data = self.build_training_set()
         extra = {"data": data, "before": before}
+        responses = training_responses(data)
         weights = torch.tensor(data["weights"], dtype=self.policy.dtype, device=self.policy.device)
         offsets = [0]
         for size in data["groups"]:
@@ -272,7 +355,7 @@ class Adapter:
                 picked.append(order.pop())
             rows = [j for i in picked for j in range(offsets[i], offsets[i + 1])]
             logp = self.policy.sequence_logprobs(
-                [data["prompts"][j] for j in rows], [data["responses"][j] for j in rows])
+                [data["prompts"][j] for j in rows], [responses[j] for j in rows])
             loss = -weighted_log_likelihood(logp, weights[rows], len(picked))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,17 +368,22 @@ class Adapter:
                 self._checkpoint(step, extra)
         after = self.evaluate(adapted=True)
         metrics: dict[str, Any] = {"domain": c.domain, "steps": c.steps,
-                                   "num_prompts": len(data["groups"]),
+                                   "num_prompts": len(self.rows),
+                                   "train_prompts": len(data["groups"]),
+                                   "heldout_prompts": len(self.heldout),
                                    "final_loss": losses[-1] if losses else None}
-        for key in ("reward", "gold", "pl_accuracy"):
+        for key in ("reward", "gold", "train_reward", "train_gold", "pl_accuracy"):
             if key in before:
                 metrics[f"{key}_before"] = before[key]
             if key in after:
                 metrics[f"{key}_after"] = after[key]
-        if "reward" in before and "reward" in after:
-            metrics["reward_gain"] = after["reward"] - before["reward"]
-        if "kl_to_reference" in after:
-            metrics["kl_to_reference"] = after["kl_to_reference"]
+        for prefix in ("", "train_"):
+            if f"{prefix}reward" in before and f"{prefix}reward" in after:
+                metrics[f"{prefix}reward_gain"] = after[f"{prefix}reward"] - before[f"{prefix}reward"]
+            if f"{prefix}kl_to_reference" in after:
+                metrics[f"{prefix}kl_to_reference"] = after[f"{prefix}kl_to_reference"]
+        if "pl_margin_improved" in after:
+            metrics["pl_margin_improved"] = after["pl_margin_improved"]
         metrics["wall_time_s"] = time.monotonic() - started
         return self._save(metrics, data, before, after)
 
@@ -313,8 +401,19 @@ class Adapter:
         }
         policy_dir = replace_dir(out / FINAL_MODEL_DIR, lambda directory: self.policy.save_pretrained(
             directory, merge=c.merge, metadata=metadata))
-        write_json_atomic(out / "metrics.json", {"metrics": metrics,
-                                                 "samples_before": before.get("samples", []),
-                                                 "samples_after": after.get("samples", [])})
+        write_json_atomic(out / "metrics.json", {
+            "metrics": metrics,
+            **{f"{prefix}samples_{when}": measured.get(f"{prefix}samples", [])
+               for prefix in ("", "train_") for when, measured in (("before", before), ("after", after))},
+        })
         self._checkpoint(c.steps, {"data": data, "before": before})  # a re-run just re-saves
         return AdaptResult(str(out), str(policy_dir), metrics, metadata)
+
+
+def training_responses(data: dict[str, Any]) -> list[Response]:
+    """The draws as the policy is trained on them: the sampled ids when the data hold them;
+    text (re-tokenized) for given responses and for checkpoints written before ids were kept."""
+    if "response_ids" not in data:
+        return list(data["responses"])
+    return [Sample(text, tuple(ids), finished) for text, ids, finished
+            in zip(data["responses"], data["response_ids"], data["finished"], strict=True)]

@@ -3,13 +3,14 @@ the API validates job specs with them)."""
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
 from training.config import MAX_BATCH, MAX_STEPS, MAX_TOKENS, StrList, TrainerConfig
 
-Hypergradient = Literal["first_order", "exact"]
+Hypergradient = Literal["auto", "precomputed", "first_order", "exact"]
+OuterMargin = Literal["reference", "sum", "per_token"]
 Directional = Literal["jvp", "fd"]
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 
@@ -17,6 +18,10 @@ Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 class MetaTrainConfig(TrainerConfig):
     """OOD-PL meta-training. Every field has a default; data come from ``task`` (benchmark),
     ``samples_file`` + ``pairs_file`` (JSONL with a ``domain`` field), or in-memory tasks."""
+
+    renamed = {"pl_length_normalized": "outer_margin"}
+    # the old boolean's values as outer_margin values
+    LENGTH_NORMALIZED: ClassVar[dict[bool, str]] = {True: "per_token", False: "sum"}
 
     # --- models
     reward_model: str = Field("minilm", description="φ: short name, directory or hub id of "
@@ -55,16 +60,27 @@ class MetaTrainConfig(TrainerConfig):
     task_sampling: Literal["random", "round_robin"] = Field(
         "random", description="how an outer step picks its source task")
     # --- hypergradient
-    hypergradient: Hypergradient = Field("first_order", description="first_order, or exact "
-                                         "(unrolled; small models and gradient checks)")
+    hypergradient: Hypergradient = Field(
+        "auto", description="precomputed: per source domain G_i = ∇θ ℓ_PL,i(θ_0) once and each "
+        "sample's coefficient once, a meta step then costs about a BT step (D = 1 without "
+        "carry only); first_order: the coefficients from g at θ_D every step; exact: "
+        "unrolled (small models and gradient checks); auto: precomputed where defined, else "
+        "first_order")
+    precompute_pairs: int = Field(256, ge=1, le=1_000_000, description="pairs of each source "
+                                  "domain in G_i (precomputed; a seeded sample)")
+    hypergradient_checks: int = Field(2, ge=0, le=1000, description="precomputed: outer steps on "
+                                      "which the shortcut is compared with the exact "
+                                      "hypergradient at the end of training (cosine, reported)")
     directional: Directional = Field("jvp", description="⟨∇θ log π, g⟩ by forward-mode AD "
                                      "(jvp) or central finite difference (fd)")
     fd_eps: float = Field(1e-3, gt=0, le=1, description="norm of the finite-difference step along g")
     bt_weight: float = Field(0.0, ge=0, description="> 0 adds bt_weight × a Bradley–Terry loss "
                              "of r_φ on the outer pairs")
-    pl_length_normalized: bool = Field(False, description="A from per-token mean log-probs "
-                                       "instead of sums (DESIGN's A is the sum; summed margins of "
-                                       "real responses are tens of nats apart and saturate σ(A))")
+    outer_margin: OuterMargin = Field(
+        "reference", description="the margin in ℓ_PL = −log σ(margin): reference = A(θ) − "
+        "A(θ_0), as in DPO (0 at θ_0, no saturation, no length bias); sum = A from summed "
+        "log-probs (real responses are tens of nats apart and saturate σ); per_token = A from "
+        "per-token means (favours short responses)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay of φ")
     max_grad_norm: float = Field(1.0, ge=0, description="clip of φ's hypergradient; 0 disables")
     # --- lengths
@@ -85,10 +101,25 @@ class MetaTrainConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="seed of every random choice")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="auto = fp32 on CPU; float64 for gradient checks")
+        "auto", description="weights' dtype: auto = fp32 on CPU; float64 for gradient checks")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX); the finite-difference directional "
+                       "derivative stays fp32")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_length_normalized_values(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            for key in ("pl_length_normalized", "outer_margin"):  # before or after renaming
+                if isinstance(values.get(key), bool):
+                    values = {**values, key: cls.LENGTH_NORMALIZED[values[key]]}
+        return values
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.hypergradient == "precomputed" and (self.inner_steps != 1 or self.carry):
+            raise ValueError("hypergradient: precomputed needs inner_steps = 1 and carry off "
+                             "(the coefficients depend on θ_0 only there); use first_order")
         if (self.samples_file is None) != (self.pairs_file is None):
             raise ValueError("samples_file and pairs_file: give both or neither")
         if self.task is not None and self.samples_file is not None:
@@ -122,7 +153,8 @@ class AdaptConfig(TrainerConfig):
                                    "benchmark (benchdata)")
     split: Literal["train", "test"] = Field("train", description="benchmark part for the "
                                             "prompts; pairs always from test")
-    max_prompts: int | None = Field(None, ge=1, le=10_000_000, description="cap on training prompts")
+    max_prompts: int | None = Field(None, ge=1, le=10_000_000, description="cap on the domain's "
+                                    "prompts read (training and held-out)")
     use_given_responses: bool = Field(False, description="use the data's responses as the draws "
                                       "from p (no sampling)")
     # --- sampling from the reference policy
@@ -141,8 +173,12 @@ class AdaptConfig(TrainerConfig):
                                "responses) per step")
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clip; 0 disables it")
     # --- evaluation
-    eval_prompts: int = Field(16, ge=0, le=1_000_000, description="prompts for the before/after "
-                              "reward and KL (fresh samples)")
+    eval_holdout: float = Field(0.2, ge=0, lt=1, description="share of the domain's prompts held "
+                                "out of training (seeded; at least one when there are >= 2 "
+                                "prompts and the share is > 0); reward, gold and KL are reported "
+                                "on them, the in-sample numbers as train_*")
+    eval_prompts: int = Field(16, ge=0, le=1_000_000, description="held-out prompts, and training "
+                              "prompts, for the before/after reward and KL (fresh samples)")
     eval_responses_per_prompt: int = Field(2, ge=1, le=1024, description="fresh samples per "
                                            "evaluation prompt")
     eval_pairs: int = Field(64, ge=0, le=1_000_000, description="pairs for PL accuracy")
@@ -162,7 +198,9 @@ class AdaptConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="sampling and data order")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype")
+        "auto", description="weights' dtype")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -207,4 +245,6 @@ class DPOConfig(TrainerConfig):
     seed: int = Field(0, ge=0, description="data order, LoRA init")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float64", "bfloat16", "float16"] = Field(
-        "auto", description="model dtype")
+        "auto", description="weights' dtype")
+    bf16: bool = Field(True, description="bf16 autocast of fp32 weights where the hardware has "
+                       "bf16 units (GPUs, CPUs with AMX)")

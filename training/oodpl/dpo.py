@@ -25,6 +25,7 @@ from training.config import ConfigError
 from training.data import load_benchmark, load_pairs
 from training.oodpl.config import DPOConfig
 from training.policy import Policy, lora_from_fields
+from training.precision import cast_frozen_linears, mixed_precision
 
 
 @dataclass
@@ -102,6 +103,9 @@ class DPOTrainer:
                 artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
             )
         policy = self.policy
+        policy.autocast_dtype = mixed_precision(policy.device, c.bf16, policy.dtype)
+        if not c.merge:  # a merge must add the adapter to the fp32 base weights
+            cast_frozen_linears(policy.model, policy.autocast_dtype)
         params = list(policy.trainable_parameters().values())
         optimizer = (torch.optim.SGD(params, lr=c.learning_rate) if c.optimizer == "sgd"
                      else torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=0.0))

@@ -7,8 +7,10 @@ domain's sampling distribution p_i) and preference pairs D_PL^i. One outer step 
 2. inner loop, D plain-SGD steps of the KL-regularised policy optimisation fitted by
    weighted likelihood:  θ_{t+1} = θ_t + α ∇_θ (1/n) Σ_j w_j(φ) log π_θ(ỹ_j|x̃_j),
    w_j = softmax over the responses of one prompt of r_φ(x̃,ỹ)/β, n = prompts in the batch;
-3. outer loss ℓ_PL = −mean log σ(log π_θD(y_w|x) − log π_θD(y_l|x)) on a batch of D_PL^i,
-   g = ∇_θ ℓ_PL(θ_D);
+3. outer loss ℓ_PL = −mean log σ(A(θ_D) − A(θ_0)) on a batch of D_PL^i, A(θ) = log π_θ(y_w|x)
+   − log π_θ(y_l|x) (``outer_margin: reference``, as in DPO: summed log-probs of real responses
+   are tens of nats apart and saturate σ(A); per-token means would favour short responses;
+   both remain options), g = ∇_θ ℓ_PL(θ_D);
 4. hypergradient, ``first_order``: ∇_φ ℓ_PL ≈ Σ_t Σ_j c_tj ∂w_tj/∂φ with
    c_tj = (α/n)·⟨∇_θ log π_θt(ỹ_j|x̃_j), g⟩, i.e. the chain rule with every inner Jacobian
    ∂θ_D/∂θ_{t+1} replaced by the identity (exact for D = 1). All c_tj of one inner batch
@@ -16,12 +18,19 @@ domain's sampling distribution p_i) and preference pairs D_PL^i. One outer step 
    snapshot θ_t — forward-mode AD (``torch.func.jvp``) or a central finite difference —
    never from per-sample gradients. The surrogate Σ stopgrad(c_tj)·w_tj(φ) is then
    back-propagated into φ. ``exact`` differentiates through the unrolled inner loop
-   (``create_graph``), for small models and tests;
+   (``create_graph``), for small models and tests. ``precomputed`` (D = 1, θ reset every
+   step): to first order in α, g is taken at θ_0, so c_j no longer depends on φ: per source
+   domain G_i = ∇_θ ℓ_PL,i(θ_0) over ``precompute_pairs`` of its pairs is computed once, and
+   every sample's d_j = ⟨∇_θ log π_θ0(ỹ_j|x̃_j), G_i⟩ once; an outer step is then the RM's
+   forward and backward on the inner batch, about what a BT step costs. The shortcut is
+   compared with ``exact`` on a few outer steps at the end of training (reported);
 5. φ ← AdamW step on that hypergradient (optionally plus ``bt_weight`` × a direct
    Bradley–Terry loss of r_φ on the same pairs).
 
 The RM runs in eval mode (no dropout) so that w(φ) in the inner loop and in the surrogate
-are the same function.
+are the same function. Evaluation always reports summed-log-prob margins (``outer_pl_accuracy``:
+A(θ_D) > 0) and the reference-normalized one (``pl_margin_moved_right``: A(θ_D) − A(θ_0) > 0,
+the share of pairs the inner step moved the right way), whatever margin trains.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from training.models import resolve_pretrained
 from training.oodpl.config import MetaTrainConfig
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
 from training.policy import Policy, lora_from_fields
+from training.precision import cast_frozen_linears, mixed_precision
 from training.registry import METADATA_FILE
 from training.reward_model import RewardModel
 
@@ -117,6 +127,22 @@ def make_inner_batch(samples: Sequence[Any], k: int, rng: random.Random) -> Inne
 
 def make_pair_batch(pairs: Sequence[Any]) -> PairBatch:
     return PairBatch([as_pair(p) for p in pairs])
+
+
+def pair_key(pair: PreferencePair) -> tuple[str, str, str]:
+    return (pair.prompt, pair.chosen, pair.rejected)
+
+
+def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for p in params])
+
+
+def resolve_hypergradient(config: MetaTrainConfig) -> str:
+    """``auto`` → precomputed where it is defined (D = 1, θ reset to θ_0), else first_order."""
+    if config.hypergradient != "auto":
+        return config.hypergradient
+    return "precomputed" if config.inner_steps == 1 and not config.carry else "first_order"
 
 
 def rm_rewards(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
@@ -206,10 +232,17 @@ class MetaTrainer:
                 artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
             )
         self.policy.model.eval()
+        self.policy.autocast_dtype = mixed_precision(self.policy.device, c.bf16, self.policy.dtype)
+        cast_frozen_linears(self.policy.model, self.policy.autocast_dtype)  # θ's base is frozen
+        self.rm.autocast_dtype = mixed_precision(self.rm.device, c.bf16, self.rm.precision.weights)
         self.theta = self.policy.trainable_parameters()
         if not self.theta:
             raise ConfigError("policy: no trainable parameters (θ)")
         self.theta0 = self._snapshot()
+        self.theta_ref = self._snapshot()  # π_ref of the reference margins (θ_0 moves with carry)
+        self._reference_margins: dict[tuple[str, str, str], float] = {}
+        self._coefficients: dict[str, dict[tuple[str, str], float]] = {}
+        self.hypergradient = resolve_hypergradient(c)
         self.phi = [p for p in self.rm.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.phi, lr=c.outer_lr, weight_decay=c.weight_decay)
 
@@ -234,15 +267,51 @@ class MetaTrainer:
         logp = self.policy.sequence_logprobs(batch.prompts, batch.responses, params=params)
         return weighted_log_likelihood(logp, weights, batch.num_prompts)
 
-    def pl_margins(self, pairs: PairBatch, params=None) -> torch.Tensor:
-        """A = log π(y_w|x) − log π(y_l|x) for each pair, one forward pass (per-token means
-        with ``pl_length_normalized``)."""
+    def pl_margins(self, pairs: PairBatch, params=None, *, per_token: bool = False) -> torch.Tensor:
+        """A = log π(y_w|x) − log π(y_l|x) for each pair, one forward pass (log-probs summed
+        over response tokens, or their per-token means)."""
         n = len(pairs.prompts)
         encoded = self.policy.encode(pairs.prompts * 2, pairs.chosen + pairs.rejected)
         logp = self.policy.batch_logprobs(encoded, params)
-        if self.config.pl_length_normalized:
+        if per_token:
             logp = logp / encoded.response_mask.sum(dim=1).clamp(min=1).to(logp.dtype)
         return logp[:n] - logp[n:]
+
+    @torch.no_grad()
+    def reference_margins(self, pairs: PairBatch) -> torch.Tensor:
+        """A(θ_ref) (summed log-probs) of each pair, θ_ref = the policy as loaded, cached by
+        pair: the reference of ``outer_margin: reference`` and of ``pl_margin_moved_right``."""
+        missing = [p for p in pairs.pairs if pair_key(p) not in self._reference_margins]
+        if missing:
+            values = self.pl_margins(make_pair_batch(missing), self.theta_ref)
+            self._reference_margins.update(zip(map(pair_key, missing), values.tolist(), strict=True))
+        return torch.tensor([self._reference_margins[pair_key(p)] for p in pairs.pairs],
+                            dtype=self.policy.dtype, device=self.policy.device)
+
+    def outer_margins(self, pairs: PairBatch, params=None) -> torch.Tensor:
+        """The margins ℓ_PL is taken on (``outer_margin``)."""
+        margin = self.config.outer_margin
+        margins = self.pl_margins(pairs, params, per_token=margin == "per_token")
+        if margin == "reference":
+            margins = margins - self.reference_margins(pairs)
+        return margins
+
+    def outer_loss(self, pairs: PairBatch, params=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ℓ_PL, its margins)."""
+        margins = self.outer_margins(pairs, params)
+        return -F.logsigmoid(margins).mean(), margins
+
+    def outer_gradient(self, pairs: Sequence[PreferencePair], chunk: int = 8) -> dict[str, torch.Tensor]:
+        """∇_θ ℓ_PL over ``pairs`` at the policy's current θ, in chunks (G_i of ``precomputed``)."""
+        params = list(self.theta.values())
+        total = [torch.zeros_like(p) for p in params]
+        for start in range(0, len(pairs), chunk):
+            part = make_pair_batch(pairs[start : start + chunk])
+            loss, _ = self.outer_loss(part)
+            loss = loss * (len(part.pairs) / len(pairs))  # the mean over all pairs
+            for acc, g in zip(total, self._grads(loss, params), strict=True):
+                acc += g.detach()
+        return dict(zip(self.theta, total, strict=True))
 
     def _grads(self, output: torch.Tensor, params: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:
         grads = torch.autograd.grad(output, list(params), allow_unused=True, **kw)
@@ -262,21 +331,64 @@ class MetaTrainer:
         if norm == 0.0:
             return torch.zeros(len(batch.prompts), dtype=self.policy.dtype, device=self.policy.device)
         h = self.config.fd_eps / norm
-        with torch.no_grad():
+        with torch.no_grad(), self.policy.full_precision():
             plus = self.policy.batch_logprobs(encoded, {n: params[n] + h * tangent[n] for n in params})
             minus = self.policy.batch_logprobs(encoded, {n: params[n] - h * tangent[n] for n in params})
         return (plus - minus) / (2 * h)
 
     def meta_gradient(
-        self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
+        self, inner_batches: Sequence[InnerBatch], pairs: PairBatch, task: MetaTask | None = None,
+        *, mode: str | None = None,
     ) -> dict[str, float]:
         """Accumulate ∇_φ ℓ_PL into the RM's ``.grad`` (zeroed first) starting from the
-        policy's current θ; leaves θ_D in the policy. Returns scalar metrics."""
+        policy's current θ; leaves θ_D in the policy (``precomputed`` leaves θ alone).
+        ``mode`` defaults to the run's resolved ``hypergradient``. Returns scalar metrics."""
         for p in self.phi:
             p.grad = None
-        if self.config.hypergradient == "exact":
+        mode = mode or self.hypergradient
+        if mode == "exact":
             return self._exact_meta_gradient(inner_batches, pairs)
+        if mode == "precomputed":
+            if task is None:
+                raise ValueError("precomputed: the outer step's task is needed")
+            return self._precomputed_meta_gradient(inner_batches, task)
         return self._first_order_meta_gradient(inner_batches, pairs)
+
+    # ------------------------------------------------------------------ precomputed (D = 1)
+    def precompute(self) -> None:
+        """G_i per task and d_j per (prompt, response) of its samples, at θ_0 (see module doc).
+        G_i is dropped once its task's d_j are known: a full-fine-tuning θ is large."""
+        c = self.config
+        rng = random.Random(c.seed + 15_485_863)  # not the training order's generator
+        self._load_theta(self.theta0)
+        self._coefficients = {}
+        for task in self._tasks:
+            pairs = [as_pair(p) for p in task.pairs]
+            if len(pairs) > c.precompute_pairs:
+                pairs = rng.sample(pairs, c.precompute_pairs)
+            gradient = self.outer_gradient(pairs)
+            rows = list(dict.fromkeys(
+                (s.prompt, r) for s in task.samples for r in s.responses if isinstance(r, str)))
+            table: dict[tuple[str, str], float] = {}
+            for start in range(0, len(rows), 16):
+                chunk = rows[start : start + 16]
+                batch = InnerBatch([p for p, _ in chunk], [r for _, r in chunk], [1] * len(chunk))
+                values = self.directional_logprobs(self.theta0, gradient, batch)
+                table.update(zip(chunk, values.double().tolist(), strict=True))
+            self._coefficients[task.name] = table
+            del gradient
+
+    def _precomputed_meta_gradient(self, inner_batches: Sequence[InnerBatch], task: MetaTask) -> dict[str, float]:
+        (batch,) = inner_batches
+        if not self._coefficients:
+            self.precompute()
+        table = self._coefficients[task.name]
+        directional = torch.tensor(
+            [table[(p, r)] for p, r in zip(batch.prompts, batch.responses, strict=True)],
+            dtype=self.policy.dtype, device=self.policy.device)
+        coeff = self.config.inner_lr * directional / batch.num_prompts
+        (coeff * self.weights(batch)).sum().backward()
+        return {}
 
     def _first_order_meta_gradient(
         self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
@@ -292,8 +404,7 @@ class MetaTrainer:
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     p.add_(g, alpha=alpha)
-        margins = self.pl_margins(pairs)
-        outer_loss = -F.logsigmoid(margins).mean()
+        outer_loss, margins = self.outer_loss(pairs)
         g = dict(zip(names, self._grads(outer_loss, params), strict=True))
         for theta_t, batch in zip(snapshots, inner_batches, strict=True):
             coeff = alpha * self.directional_logprobs(theta_t, g, batch) / batch.num_prompts
@@ -310,8 +421,7 @@ class MetaTrainer:
             objective = self._inner_objective(batch, self.weights(batch), params=theta_t)
             grads = self._grads(objective, list(theta_t.values()), create_graph=True)
             theta_t = {n: v + alpha * g for (n, v), g in zip(theta_t.items(), grads, strict=True)}
-        margins = self.pl_margins(pairs, params=theta_t)
-        outer_loss = -F.logsigmoid(margins).mean()
+        outer_loss, margins = self.outer_loss(pairs, params=theta_t)
         phi_grads = self._grads(outer_loss, self.phi)
         for p, g in zip(self.phi, phi_grads, strict=True):
             p.grad = g.detach()
@@ -322,7 +432,7 @@ class MetaTrainer:
     def _outer_metrics(margins: torch.Tensor, loss: torch.Tensor) -> dict[str, float]:
         return {
             "outer_loss": float(loss.detach()),
-            "outer_pl_accuracy": float((margins.detach() > 0).float().mean()),
+            "outer_margin_positive": float((margins.detach() > 0).float().mean()),
         }
 
     def _bt_loss(self, pairs: PairBatch) -> torch.Tensor:
@@ -350,7 +460,7 @@ class MetaTrainer:
         task = self._pick_task(step)
         inner, pairs = self.draw_batches(task)
         self._load_theta(self.theta0)
-        metrics = self.meta_gradient(inner, pairs)
+        metrics = self.meta_gradient(inner, pairs, task)
         if c.bt_weight > 0:
             bt = self._bt_loss(pairs)
             (c.bt_weight * bt).backward()
@@ -376,12 +486,14 @@ class MetaTrainer:
         return float((rewards[:n] > rewards[n:]).float().mean())
 
     def evaluate(self, tasks: Sequence[MetaTask] | None = None, seed: int | None = None) -> dict[str, Any]:
-        """Outer PL accuracy: run the inner loop from θ_0 with the current r_φ on fixed
-        batches of each task, then score that task's pairs with π_θD; θ is restored after.
-        Also the RM's own pairwise accuracy on those pairs."""
+        """Run the inner loop from θ_0 with the current r_φ on fixed batches of each task, then
+        score that task's pairs with π_θD (θ is restored after): ``outer_pl_accuracy`` = share
+        with A(θ_D) > 0 (summed log-probs), ``pl_margin_moved_right`` = share with A(θ_D) −
+        A(θ_ref) > 0, ``outer_loss`` = ℓ_PL as trained (``outer_margin``); and the RM's own
+        pairwise accuracy on those pairs."""
         c = self.config
         rng = random.Random(c.seed + 7919 if seed is None else seed)
-        per_task, accs, rm_accs, losses = {}, [], [], []
+        per_task: dict[str, dict[str, float]] = {}
         saved = self._snapshot()
         for task in tasks if tasks is not None else self._tasks:
             self._load_theta(self.theta0)
@@ -396,20 +508,62 @@ class MetaTrainer:
                         p.add_(g, alpha=c.inner_lr)
             pairs = make_pair_batch(list(task.pairs)[: c.eval_pairs])
             with torch.no_grad():
-                margins = self.pl_margins(pairs)
-            acc = float((margins > 0).float().mean())
-            loss = float(-F.logsigmoid(margins).mean())
-            rm_acc = self._rm_accuracy(pairs)
-            per_task[task.name] = {"outer_pl_accuracy": acc, "outer_loss": loss, "rm_accuracy": rm_acc}
-            accs.append(acc)
-            rm_accs.append(rm_acc)
-            losses.append(loss)
+                summed = self.pl_margins(pairs)
+                moved = summed - self.reference_margins(pairs)
+                trained = {"sum": summed, "reference": moved}.get(c.outer_margin)
+                if trained is None:
+                    trained = self.outer_margins(pairs)
+            per_task[task.name] = {
+                "outer_pl_accuracy": float((summed > 0).float().mean()),
+                "pl_margin_moved_right": float((moved > 0).float().mean()),
+                "outer_loss": float(-F.logsigmoid(trained).mean()),
+                "rm_accuracy": self._rm_accuracy(pairs),
+            }
         self._load_theta(saved)
+        names = next(iter(per_task.values())).keys()
         return {
-            "outer_pl_accuracy": sum(accs) / len(accs),
-            "outer_loss": sum(losses) / len(losses),
-            "rm_accuracy": sum(rm_accs) / len(rm_accs),
+            **{name: sum(t[name] for t in per_task.values()) / len(per_task) for name in names},
             "per_task": per_task,
+        }
+
+    def check_hypergradient(self, steps: int, seed: int | None = None) -> dict[str, Any]:
+        """Cosine between the ``precomputed`` φ-gradient and the ``exact`` one on ``steps``
+        random outer steps, both on the same inner batch and the same pairs (the check isolates
+        the approximation — g at θ_0 and the inner Jacobian taken as identity — from which
+        pairs G_i averages over). θ and φ.grad are left as they were; φ is not stepped."""
+        rng = random.Random(self.config.seed + 104_729 if seed is None else seed)
+        saved_rng, self.rng = self.rng, rng
+        saved_theta = self._snapshot()
+        cosines, ratios = [], []
+        try:
+            for _ in range(steps):
+                task = rng.choice(self._tasks)
+                inner, pairs = self.draw_batches(task)
+                self._load_theta(self.theta0)
+                self.meta_gradient(inner, pairs, mode="exact")
+                exact = flat_grad(self.phi)
+                self._load_theta(self.theta0)
+                for p in self.phi:
+                    p.grad = None
+                gradient = self.outer_gradient(pairs.pairs, chunk=len(pairs.pairs))
+                (batch,) = inner
+                directional = self.directional_logprobs(self.theta0, gradient, batch)
+                coeff = self.config.inner_lr * directional / batch.num_prompts
+                (coeff * self.weights(batch)).sum().backward()
+                shortcut = flat_grad(self.phi)
+                norms = float(exact.norm() * shortcut.norm())
+                cosines.append(float(exact @ shortcut) / norms if norms else float("nan"))
+                ratios.append(float(shortcut.norm() / exact.norm()) if float(exact.norm()) else float("nan"))
+        finally:
+            self.rng = saved_rng
+            self._load_theta(saved_theta)
+            for p in self.phi:
+                p.grad = None
+        finite = [x for x in cosines if not math.isnan(x)]
+        return {
+            "steps": steps, "cosines": cosines, "norm_ratios": ratios,
+            "cosine_min": min(finite) if finite else None,
+            "cosine_mean": sum(finite) / len(finite) if finite else None,
         }
 
     # ------------------------------------------------------------------ run
@@ -450,6 +604,11 @@ class MetaTrainer:
             self.history.append({"step": 0, **{k: v for k, v in initial.items() if k != "per_task"}})
         else:  # the step-0 evaluation came back with the checkpoint's history
             initial = next((h for h in self.history if h["step"] == 0), None)
+        precompute_seconds = None
+        if self.hypergradient == "precomputed" and start < c.outer_steps:
+            tick = time.monotonic()
+            self.precompute()  # again after a resume: deterministic, the draws are not stored
+            precompute_seconds = time.monotonic() - tick
         step_times = []
         for step in range(start + 1, c.outer_steps + 1):
             if self.callback.should_stop():
@@ -467,18 +626,20 @@ class MetaTrainer:
                 self._checkpoint(step)
         final = self.evaluate()
         metrics = {
-            "outer_pl_accuracy": final["outer_pl_accuracy"],
-            "outer_loss": final["outer_loss"],
-            "rm_accuracy": final["rm_accuracy"],
-            "per_task": final["per_task"],
+            **final,
             "steps": c.outer_steps,
+            "hypergradient": self.hypergradient,
+            "outer_margin": c.outer_margin,
+            "precompute_seconds": precompute_seconds,
             "seconds_per_outer_step": sum(step_times) / len(step_times) if step_times else None,
-            "wall_time_s": time.monotonic() - started,
         }
+        if self.hypergradient == "precomputed" and c.hypergradient_checks:
+            metrics["hypergradient_check"] = self.check_hypergradient(c.hypergradient_checks)
         if initial is not None:
-            metrics["initial_outer_pl_accuracy"] = initial["outer_pl_accuracy"]
-            metrics["initial_outer_loss"] = initial["outer_loss"]
-            metrics["initial_rm_accuracy"] = initial["rm_accuracy"]
+            for name in ("outer_pl_accuracy", "pl_margin_moved_right", "outer_loss", "rm_accuracy"):
+                if name in initial:
+                    metrics[f"initial_{name}"] = initial[name]
+        metrics["wall_time_s"] = time.monotonic() - started
         return self._save(metrics)
 
     def _save(self, metrics: dict[str, Any]) -> MetaTrainResult:

@@ -20,8 +20,9 @@ Spec (what ``POST /adapt`` builds)::
                            "meta_lr": 1e-3, ...}}}              # MetaRMConfig fields
 
 Publishes the adapted policy (kind ``policy``) with its lineage: base policy, the RM version
-used, domain, job id, metrics (RM reward before/after, KL to the reference, PL accuracy with
-pairs). With ``metarm`` it first publishes the domain-adapted RM (kind ``reward_model``,
+used, domain, job id, metrics (RM reward before/after and KL to the reference on the prompts
+``params.eval_holdout`` held out of training, the in-sample ones as ``train_*``; PL accuracy
+and ``pl_margin_improved`` with pairs). With ``metarm`` it first publishes the domain-adapted RM (kind ``reward_model``,
 algorithm ``metarm``, per-round diagnostics), and the policy's lineage names that version.
 """
 

@@ -10,6 +10,7 @@ import pytest
 from training.callbacks import TrainingCancelled
 from training.metarm.config import MetaRMRoundsConfig
 from training.metarm.rounds import MetaRMRounds
+from training.oodpl.adapt import holdout_split
 from training.policy import Policy
 from training.reward_model import RewardModel
 
@@ -80,6 +81,10 @@ def test_rounds_publish_an_rm_and_a_policy_with_per_round_diagnostics(
     samples_1 = json.loads((config.round_dir(1) / "meta_samples.json").read_text())
     samples_2 = json.loads((config.round_dir(2) / "meta_samples.json").read_text())
     assert all(len(row["responses"]) == 3 for row in samples_1 + samples_2)
+    # the prompts the Adapter holds out (default eval_holdout) are not in the meta set either
+    heldout = {PROMPTS[i] for i in holdout_split(len(PROMPTS), 0.2, 0)}
+    assert len(heldout) == 1 and by_round[1]["adapt"]["heldout_prompts"] == 1
+    assert {row["prompt"] for row in samples_1 + samples_2} == set(PROMPTS) - heldout
     assert samples_1 != samples_2
     # round 2's meta set is exactly what round 1's adapted policy samples with round 2's seed
     driver = MetaRMRounds(config, source_pairs=SOURCE_PAIRS)

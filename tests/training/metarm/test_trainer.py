@@ -79,16 +79,23 @@ def _rewards(rm: RewardModel, items: list[dict[str, str]]) -> torch.Tensor:
     return rm.forward(rm.pad(rm.encode_many(items)))
 
 
-def _hand_objective(rm: RewardModel, samples: list[dict]) -> torch.Tensor:
+def _hand_objective(rm: RewardModel, samples: list[dict], scale=1.0) -> torch.Tensor:
     total = 0.0
     for row in samples:
         rewards = _rewards(rm, [{"prompt": row["prompt"], "response": s} for s in row["responses"]])
+        rewards = rewards / scale
         k = len(rewards)
         pairs = itertools.combinations(range(k), 2)
         total = total + 2.0 / k**2 * sum(
             torch.sigmoid((rewards[i] - rewards[j]).abs()) for i, j in pairs
         )
     return total / len(samples)
+
+
+def _hand_scale(rm: RewardModel, pairs: list[dict[str, str]]) -> torch.Tensor:
+    items = [{"prompt": p["prompt"], "response": p[side]} for side in ("chosen", "rejected")
+             for p in pairs]
+    return _rewards(rm, items).std(unbiased=False)
 
 
 def _hand_bt_loss(rm: RewardModel, pairs: list[dict[str, str]]) -> torch.Tensor:
@@ -98,22 +105,37 @@ def _hand_bt_loss(rm: RewardModel, pairs: list[dict[str, str]]) -> torch.Tensor:
 
 
 def _hand_step(
-    rm_dir: Path, pairs: list, samples: list, *, meta_lr: float, lr: float, apply_at: str
+    rm_dir: Path, pairs: list, samples: list, *, meta_lr: float, lr: float, update: str,
+    standardize: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """φ' = φ + η∇J(φ); g = ∇L_BT(φ'); new = (φ or φ') − lr·g, computed on model copies."""
-    rm = RewardModel.from_pretrained(rm_dir, device="cpu", dtype="float64")
+    """φ' = φ + η∇J(φ) with J on rewards / their std on the pairs; then, by hand:
+    first_order φ − lr·∇L(φ'); alternating φ' − lr·∇L(φ'); second_order φ − lr·d L(φ'(φ))/dφ."""
+    rm = RewardModel.from_pretrained(rm_dir, device="cpu", dtype="float64",
+                                     attn_implementation="eager")
     rm.model.eval()  # the trainer runs without dropout by default
+    names = [name for name, _ in rm.model.named_parameters()]
     params = list(rm.model.parameters())
-    ascent = torch.autograd.grad(_hand_objective(rm, samples), params, allow_unused=True)
+    scale = _hand_scale(rm, pairs) if standardize else 1.0
+    ascent = torch.autograd.grad(_hand_objective(rm, samples, scale), params, allow_unused=True,
+                                 create_graph=update == "second_order")
+    ascent = [torch.zeros_like(p) if g is None else g for g, p in zip(ascent, params, strict=True)]
+    if update == "second_order":
+        shifted = {n: p + meta_lr * g for n, p, g in zip(names, params, ascent, strict=True)}
+        loss = -F.logsigmoid(
+            rm.forward(rm.pad(rm.encode_many([{"prompt": p["prompt"], "response": p["chosen"]}
+                                              for p in pairs])), params=shifted)
+            - rm.forward(rm.pad(rm.encode_many([{"prompt": p["prompt"], "response": p["rejected"]}
+                                                for p in pairs])), params=shifted)).mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return {n: p.detach() - lr * (g if g is not None else torch.zeros_like(p))
+                for n, p, g in zip(names, params, grads, strict=True)}
     shifted = RewardModel(copy.deepcopy(rm.model), rm.tokenizer)
     with torch.no_grad():
         for p, g in zip(shifted.model.parameters(), ascent, strict=True):
-            if g is not None:
-                p.add_(meta_lr * g)
+            p.add_(meta_lr * g)
     shifted_params = list(shifted.model.parameters())
     bt_grad = torch.autograd.grad(_hand_bt_loss(shifted, pairs), shifted_params, allow_unused=True)
-    base = rm.model if apply_at == "phi" else shifted.model
-    names = [name for name, _ in rm.model.named_parameters()]
+    base = rm.model if update == "first_order" else shifted.model
     expected = {}
     for name, p, g in zip(names, base.parameters(), bt_grad, strict=True):
         expected[name] = p.detach() - lr * (g if g is not None else torch.zeros_like(p))
@@ -132,8 +154,8 @@ def _config(tmp_path: Path, model: Path, **overrides) -> MetaRMConfig:
     return MetaRMConfig(**values)
 
 
-@pytest.mark.parametrize("apply_at", ["phi", "phi_prime"])
-def test_one_step_equals_the_step_computed_by_hand(tiny_encoder_rm, tmp_path, apply_at):
+@pytest.mark.parametrize("update", ["first_order", "second_order", "alternating"])
+def test_one_step_equals_the_step_computed_by_hand(tiny_encoder_rm, tmp_path, update):
     pairs = source_pairs(3)
     samples = shifted_samples(2, k=4)
     samples.append({"prompt": "compute 1 + 1", "responses": ["2", "3", "= 2"]})  # its own k = 3
@@ -150,13 +172,12 @@ def test_one_step_equals_the_step_computed_by_hand(tiny_encoder_rm, tmp_path, ap
         meta_batch_size=len(samples),
         responses_per_prompt=4,
         max_steps=1,
-        apply_at=apply_at,
+        update=update,
+        meta_max_grad_norm=None,
     )
     result = MetaRMTrainer(config, pairs=pairs, samples=samples).train()
 
-    expected = _hand_step(
-        tiny_encoder_rm, pairs, samples, meta_lr=meta_lr, lr=lr, apply_at=apply_at
-    )
+    expected = _hand_step(tiny_encoder_rm, pairs, samples, meta_lr=meta_lr, lr=lr, update=update)
     trained = _params(
         RewardModel.from_pretrained(result.model_dir, device="cpu", dtype="float64").model
     )
@@ -165,7 +186,7 @@ def test_one_step_equals_the_step_computed_by_hand(tiny_encoder_rm, tmp_path, ap
         torch.testing.assert_close(trained[name], value, rtol=1e-9, atol=1e-11, msg=name)
 
     # The ascent matters: the plain BT step from φ lands elsewhere.
-    vanilla = _hand_step(tiny_encoder_rm, pairs, samples, meta_lr=0.0, lr=lr, apply_at="phi")
+    vanilla = _hand_step(tiny_encoder_rm, pairs, samples, meta_lr=0.0, lr=lr, update="first_order")
     moved = max(float((vanilla[n] - expected[n]).abs().max()) for n in expected)
     assert moved > 1e-6
 
@@ -185,7 +206,7 @@ def test_vanilla_is_meta_lr_zero_and_needs_no_samples(tiny_encoder_rm, tmp_path)
     )
     result = MetaRMTrainer(config, pairs=pairs).train()
     expected = _hand_step(
-        tiny_encoder_rm, pairs, shifted_samples(1), meta_lr=0.0, lr=0.5, apply_at="phi"
+        tiny_encoder_rm, pairs, shifted_samples(1), meta_lr=0.0, lr=0.5, update="first_order"
     )
     trained = _params(
         RewardModel.from_pretrained(result.model_dir, device="cpu", dtype="float64").model
@@ -216,29 +237,26 @@ def _toy_run(tmp_path: Path, model: Path, name: str, **overrides) -> dict:
 ACCURACY_TOLERANCE = 0.1
 
 
-def test_toy_shift_metarm_keeps_shifted_variance_above_vanilla(tiny_encoder_rm, tmp_path):
-    """Same seed, data order and steps; η = 0 is vanilla Bradley–Terry.
+def test_toy_shift_what_each_update_rule_does_to_the_standardized_spread(tiny_encoder_rm, tmp_path):
+    """Same seed, data order and steps; η = 0 is vanilla Bradley–Terry. Measured on rewards
+    standardized by their std on the source pairs (a larger scale alone is not discrimination).
 
-    The claim holds for the default form (ascent kept, ``apply_at="phi_prime"``). DESIGN §7's
-    literal form (``apply_at="phi"``) adds −lr·η·H_BT·∇J to vanilla's step to first order, so
-    it can only lower J: it ends *below* vanilla, which the last assertion pins down.
+    ``alternating`` (ascent kept) raises the standardized spread of shifted responses far above
+    vanilla's at equal source accuracy. The paper's rule at first order (``first_order``) lowers
+    it: to first order in η its step is vanilla's plus −lr·η·H_BT·∇J. Which one helps on held-out
+    domains is the evidence benchmark's question (README, MetaRM), not this toy's.
     """
     vanilla = _toy_run(tmp_path, tiny_encoder_rm, "vanilla", meta_lr=0.0)
-    metarm = _toy_run(tmp_path, tiny_encoder_rm, "metarm", meta_lr=0.1)
-    literal = _toy_run(tmp_path, tiny_encoder_rm, "literal", meta_lr=0.1, apply_at="phi")
+    alternating = _toy_run(tmp_path, tiny_encoder_rm, "alternating", meta_lr=0.1, update="alternating")
+    paper = _toy_run(tmp_path, tiny_encoder_rm, "paper", meta_lr=0.1, update="first_order")
 
     assert vanilla["source_accuracy_after"] >= 0.9  # the source preferences were learned
-    assert (
-        abs(metarm["source_accuracy_after"] - vanilla["source_accuracy_after"])
-        <= ACCURACY_TOLERANCE
-    )
-    assert metarm["shifted_diff_var_after"] > 2 * vanilla["shifted_diff_var_after"]
-    assert metarm["shifted_objective_after"] > vanilla["shifted_objective_after"]
-    for metrics in (vanilla, metarm):
-        assert metrics["shifted_diff_var_before"] == pytest.approx(
-            vanilla["shifted_diff_var_before"]
-        )
-    assert literal["shifted_diff_var_after"] < vanilla["shifted_diff_var_after"]
+    for run in (alternating, paper):
+        assert abs(run["source_accuracy_after"] - vanilla["source_accuracy_after"]) <= ACCURACY_TOLERANCE
+        assert run["shifted_diff_var_before"] == pytest.approx(vanilla["shifted_diff_var_before"])
+    assert alternating["shifted_diff_var_after"] > 2 * vanilla["shifted_diff_var_after"]
+    assert alternating["shifted_objective_after"] > vanilla["shifted_objective_after"]
+    assert paper["shifted_diff_var_after"] < vanilla["shifted_diff_var_after"]
 
 
 class StopAfter:
@@ -291,16 +309,20 @@ def test_result_metrics_and_files(tiny_encoder_rm, tmp_path):
     for key in ("source_accuracy", "shifted_diff_mean", "shifted_diff_var", "shifted_objective"):
         assert f"{key}_before" in result.metrics and f"{key}_after" in result.metrics
     # the "after" diagnostics are those of the saved RM, recomputed here by hand: over every
-    # ordered pair i != j of responses to one prompt, E|d| and E[d²]
+    # ordered pair i != j of responses to one prompt, E|d| and E[d²], raw and on rewards
+    # divided by their std over the source pairs' responses
     saved = RewardModel.from_pretrained(result.model_dir, device="cpu")
     diffs = []
     for row in samples:
         rewards = saved.score([{"prompt": row["prompt"], "response": r} for r in row["responses"]])
         diffs += [a - b for i, a in enumerate(rewards) for j, b in enumerate(rewards) if i != j]
-    assert result.metrics["shifted_diff_mean_after"] == pytest.approx(
-        sum(abs(d) for d in diffs) / len(diffs), rel=1e-4)
+    scale = result.metrics["reward_std"]
+    assert result.metrics["shifted_diff_mean_raw_after"] == pytest.approx(
+        sum(abs(d) for d in diffs) / len(diffs), rel=1e-3)
+    assert result.metrics["shifted_diff_var_raw_after"] == pytest.approx(
+        sum(d * d for d in diffs) / len(diffs), rel=1e-3)
     assert result.metrics["shifted_diff_var_after"] == pytest.approx(
-        sum(d * d for d in diffs) / len(diffs), rel=1e-4)
+        sum(d * d for d in diffs) / len(diffs) / scale**2, rel=1e-3)
     assert 0.375 <= result.metrics["shifted_objective_after"] <= 0.75  # J's range for k = 4
     assert {"bt_loss", "meta_objective"} <= result.history[0].keys()
 
@@ -311,8 +333,10 @@ def test_config_from_dict_names_bad_keys_and_values():
         MetaRMConfig.from_dict({"meta_step": 1})
     with pytest.raises(ValueError, match="responses_per_prompt"):
         MetaRMConfig.from_dict({"responses_per_prompt": 1})
-    with pytest.raises(ValueError, match="apply_at"):
-        MetaRMConfig.from_dict({"apply_at": "both"})
+    with pytest.raises(ValueError, match="update"):
+        MetaRMConfig.from_dict({"update": "both"})
+    with pytest.warns(DeprecationWarning, match="apply_at"):  # the old key and its values
+        assert MetaRMConfig.from_dict({"apply_at": "phi_prime"}).update == "alternating"
     with pytest.raises(ValueError, match="learning_rate"):
         MetaRMConfig.from_dict({"learning_rate": "fast"})
 
