@@ -10,10 +10,10 @@ field), ``--dry-run`` (print the resolved config and exit). ``--help`` lists eve
 with its default. Ctrl-C asks the trainer to checkpoint and stop; the same command resumes.
 The final metrics are printed as JSON on stdout.
 
-``train-rm`` and ``strength`` also run over several processes when a launcher started them
-(``accelerate launch``, ``torchrun``, on one host or several: the environment says ``WORLD_SIZE``
-> 1): every process runs the command, ``--strategy`` says ddp or fsdp, rank 0 shows progress,
-writes and prints. Under a launcher Ctrl-C reaches the launcher, which terminates the
+``train-rm``, ``strength``, ``meta-train`` and ``dpo`` also run over several processes when a
+launcher started them (``accelerate launch``, ``torchrun``, on one host or several: the
+environment says ``WORLD_SIZE`` > 1): every process runs the command, ``--strategy`` says ddp
+or fsdp (train-rm only), rank 0 shows progress, writes and prints. Under a launcher Ctrl-C reaches the launcher, which terminates the
 processes: the last periodic checkpoint resumes.
 """
 
@@ -83,7 +83,7 @@ def _launched_processes(name: str, distributed: bool, strategy: str, device: str
         return None
     if not distributed:
         raise ConfigError(f"{name} runs in one process; under a launcher (WORLD_SIZE > 1) only "
-                          "train-rm and strength run")
+                          f"{', '.join(DISTRIBUTED)} run")
     if strategy not in ("ddp", "fsdp"):
         raise ConfigError(f"--strategy: ddp or fsdp, got {strategy!r}")
     try:
@@ -93,17 +93,22 @@ def _launched_processes(name: str, distributed: bool, strategy: str, device: str
         raise ConfigError(str(exc)) from None
 
 
+DISTRIBUTED: list[str] = []  # the commands that run under a launcher
+
+
 def register_trainer(name: str, config_cls: type[TrainerConfig], trainer_cls: type,
                      help_text: str, distributed: bool = False) -> None:
     """Add ``python -m training <name>`` running ``trainer_cls(config_cls(...)).train()``;
     ``distributed``: the trainer takes ``processes`` and runs under a launcher."""
+    if distributed:
+        DISTRIBUTED.append(name)
 
     def command(
         config: Path = typer.Option(None, "--config", "-c", help="YAML file of config keys."),
         set_: list[str] = typer.Option([], "--set", "-s", help="Override: key=value (repeatable)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and exit."),
-        strategy: str = typer.Option("ddp", "--strategy", help="Under a launcher (train-rm, "
-                                     "strength): ddp, or fsdp (GPUs only)."),
+        strategy: str = typer.Option("ddp", "--strategy", help="Under a launcher: ddp, or "
+                                     "fsdp (train-rm, GPUs only)."),
         collective_timeout: float = typer.Option(
             1800.0, "--collective-timeout", help="Under a launcher: seconds a collective waits "
             "for a peer before failing."),
@@ -154,12 +159,13 @@ register_trainer("strength", StrengthConfig, StrengthTrainer,
                  "Estimate preference strength (μ̂, σ̂) of training pairs with an RM ensemble.",
                  distributed=True)
 register_trainer("meta-train", MetaTrainConfig, MetaTrainer,
-                 "OOD-PL bilevel meta-training of a reward model.")
+                 "OOD-PL bilevel meta-training of a reward model.", distributed=True)
 register_trainer("adapt", AdaptConfig, Adapter,
                  "OOD-PL meta-test: adapt a policy to a new domain's prompts.")
 register_trainer("metarm", MetaRMConfig, MetaRMTrainer,
                  "MetaRM: keep an RM discriminative on shifted samples.")
-register_trainer("dpo", DPOConfig, DPOTrainer, "DPO on preference pairs (baseline).")
+register_trainer("dpo", DPOConfig, DPOTrainer, "DPO on preference pairs (baseline).",
+                 distributed=True)
 register_trainer("evaluate", EvalConfig, Evaluator,
                  "Accuracy of a reward model on a preference file (TRL or RewardBench format), "
                  "per subset and overall, with RewardBench's section weighting.")

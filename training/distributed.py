@@ -235,6 +235,23 @@ class Processes:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def unshard(self, mine: Sequence[T], total: int) -> list[T]:
+        """The inverse of :meth:`shard`: every rank passes the values of its share of ``total``
+        items (in order); every rank gets all ``total`` values in the items' order."""
+        if not self.distributed:
+            return list(mine)
+        merged: list[Any] = [None] * total
+        for rank, values in enumerate(self.gather(list(mine))):
+            merged[rank :: self.world_size] = values
+        return merged
+
+    def sum_tensors_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Each tensor summed over ranks, in place (every rank passes the same shapes, in the
+        same order): a sum of shares that no distributed wrapper synchronises."""
+        if self.distributed:
+            for tensor in tensors:
+                dist.all_reduce(tensor)
+
     def from_main(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (what rank 0 alone may compute: which checkpoint)."""
         if not self.distributed:

@@ -69,6 +69,11 @@ TRAINERS: dict[str, tuple[str, str, str]] = {
                  "training.bt.results:RMTrainResult"),
     "strength": ("training.bt.config:StrengthConfig", "training.bt.strength:StrengthTrainer",
                  "training.bt.results:StrengthResult"),
+    "meta-train": ("training.oodpl.config:MetaTrainConfig",
+                   "training.oodpl.meta_train:MetaTrainer",
+                   "training.oodpl.results:MetaTrainResult"),
+    "dpo": ("training.oodpl.config:DPOConfig", "training.oodpl.dpo:DPOTrainer",
+            "training.oodpl.results:DPOResult"),
 }
 POLL_SECONDS = 0.2
 PROGRESS_WRITE_SECONDS = 0.25

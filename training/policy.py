@@ -227,12 +227,14 @@ class Policy:
 
     # ------------------------------------------------------------------ log-likelihoods
     def batch_logprobs(
-        self, batch: PolicyBatch, params: Mapping[str, torch.Tensor] | None = None
+        self, batch: PolicyBatch, params: Mapping[str, torch.Tensor] | None = None,
+        *, module: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """log π(y|x) summed over response tokens, shape (B,), differentiable.
 
         ``params`` substitutes some of the model's parameters (by ``named_parameters``
-        name) for this call only; the others are the module's own.
+        name) for this call only; the others are the module's own. ``module``: what to run
+        instead of ``self.model`` — a distributed wrapper of it (DDP) in training.
 
         Only the positions that predict a response token go through the LM head and the
         log-softmax: over a vocabulary of tens of thousands, the prompt positions' logits
@@ -250,7 +252,7 @@ class Policy:
             inputs["logits_to_keep"] = predicts_response
         with autocast(self.device, self.autocast_dtype):
             if params is None:
-                logits = self.model(**inputs).logits
+                logits = (module or self.model)(**inputs).logits
             else:
                 logits = torch.func.functional_call(self.model, dict(params), args=(),
                                                     kwargs=inputs).logits
@@ -270,8 +272,9 @@ class Policy:
         responses: Sequence[Response],
         *,
         params: Mapping[str, torch.Tensor] | None = None,
+        module: torch.nn.Module | None = None,
     ) -> torch.Tensor:
-        return self.batch_logprobs(self.encode(prompts, responses), params)
+        return self.batch_logprobs(self.encode(prompts, responses), params, module=module)
 
     @torch.no_grad()
     def logprobs_chunked(

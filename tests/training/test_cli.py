@@ -142,3 +142,32 @@ def test_train_rm_under_accelerate_launch_runs_over_both_processes(tiny_encoder_
          "--set", f"output_dir={tmp_path / 'fsdp'}", "--set", "device=cpu", "--strategy", "fsdp"],
         capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "fsdp needs GPUs" in refused.stderr
+
+
+def _under_accelerate_launch(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "training", *command,
+         "--collective-timeout", "60"],
+        capture_output=True, text=True, timeout=300)
+
+
+def test_dpo_and_meta_train_join_the_process_group_under_a_launcher(tiny_policy, tmp_path) -> None:
+    """DPO over both processes: rank 0 alone prints and saves; meta-training with the exact
+    hypergradient refuses to run over several processes, saying why."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", sentiment_pairs(6))
+    run = tmp_path / "dpo"
+    done = _under_accelerate_launch(
+        ["dpo", "--set", f"policy={tiny_policy}", "--set", f"pairs_file={pairs}",
+         "--set", f"output_dir={run}", "--set", "device=cpu", "--set", "steps=4",
+         "--set", "batch_pairs=3", "--set", "lora_r=4", "--set", "checkpoint_every=2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"policy_dir"') == 1, "rank 0 alone prints the result"
+    payload = json.loads(done.stdout[done.stdout.index("{"):])
+    assert [h["step"] for h in payload["history"]] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "step-000000002" / "MANIFEST.json").is_file()
+    assert (Path(payload["policy_dir"]) / "adapter_config.json").is_file()
+    refused = _under_accelerate_launch(["meta-train", "--set", "hypergradient=exact",
+                                        "--set", f"output_dir={tmp_path / 'meta'}"])
+    assert refused.returncode != 0 and "error: hypergradient exact" in refused.stderr

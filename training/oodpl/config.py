@@ -14,6 +14,20 @@ OuterMargin = Literal["reference", "sum", "per_token"]
 Directional = Literal["jvp", "fd"]
 Dtype = Literal["auto", "float32", "float64", "bfloat16", "float16"]
 
+# Over several processes (a job's resources.processes > 1, or the CLI under a launcher)
+EXACT_NEEDS_ONE_PROCESS = (
+    "hypergradient exact differentiates through the unrolled inner loop, whose every step "
+    "needs the gradient of the whole inner batch inside the autograd graph; it is for small "
+    "models and gradient checks: run it in one process, or use precomputed (D = 1) or "
+    "first_order over several")
+
+
+def replicated_only(what: str) -> str:
+    """Why ``what`` refuses strategy fsdp: it keeps a whole replica of its models on every
+    process."""
+    return (f"{what} keeps a whole replica of its models on every process (DDP): use strategy "
+            "ddp (fsdp shards train_rm's full fine-tuning only)")
+
 
 class MetaTrainConfig(TrainerConfig):
     """OOD-PL meta-training. Every field has a default; data come from ``task`` (benchmark),
@@ -125,6 +139,13 @@ class MetaTrainConfig(TrainerConfig):
         if self.task is not None and self.samples_file is not None:
             raise ValueError("task: give a benchmark task or samples_file/pairs_file, not both")
         return self
+
+
+def resolve_hypergradient(config: MetaTrainConfig) -> str:
+    """``auto`` → precomputed where it is defined (D = 1, θ reset to θ_0), else first_order."""
+    if config.hypergradient != "auto":
+        return config.hypergradient
+    return "precomputed" if config.inner_steps == 1 and not config.carry else "first_order"
 
 
 class AdaptConfig(TrainerConfig):

@@ -4,6 +4,15 @@ L = −E log σ(β·[(log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l
 log-probabilities summed over response tokens. π_ref is the initial policy; its
 log-probabilities are computed once, before the first update, for exactly the pairs the
 schedule will visit (so no second model is held in memory, LoRA or full).
+
+Over several processes (``processes``: a :class:`~training.distributed.Processes` that
+``accelerate launch`` started, see ``training.launch``) each rank takes its share of every
+step's pairs and scales its mean loss by that share, so the gradient DDP averages (over the
+LoRA adapter, or every weight) is the gradient of the whole batch: ``batch_pairs`` means the
+same global batch whatever the number of processes. The reference log-probabilities are
+computed once with each rank taking its share of the pairs, then shared. Rank 0 alone reads
+the callback (every rank stops at the same step), writes checkpoints and saves the policy;
+every rank resumes from the checkpoint rank 0 picked. The policy is replicated (``ddp``).
 """
 
 from __future__ import annotations
@@ -11,7 +20,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +28,20 @@ import torch.nn.functional as F
 
 from training.atomic import replace_dir, write_json_atomic
 from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
-from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
+from training.checkpoint import (
+    FINAL_MODEL_DIR,
+    checkpoint_path,
+    load_latest,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from training.config import ConfigError
 from training.data import load_benchmark, load_pairs
-from training.oodpl.config import DPOConfig
+from training.distributed import Processes
+from training.oodpl.config import DPOConfig, replicated_only
+from training.oodpl.results import DPOResult
 from training.policy import Policy, lora_from_fields
 from training.precision import cast_frozen_linears, mixed_precision
-
-
-@dataclass
-class DPOResult:
-    output_dir: str
-    policy_dir: str
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def dpo_loss(
@@ -56,11 +64,15 @@ class DPOTrainer:
         *,
         pairs: Sequence[Any] | None = None,
         policy: Policy | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         self.callback = callback or NullCallback()
         self._pairs = list(pairs) if pairs is not None else None
         self.policy = policy
+        self.processes = processes or Processes.single()
+        if self.processes.distributed and self.processes.strategy != "ddp":
+            raise ConfigError(replicated_only("DPO"))
 
     def _load_pairs(self) -> list[Any]:
         c = self.config
@@ -88,8 +100,33 @@ class DPOTrainer:
             steps.append(batch)
         return steps
 
+    def _reference(self, policy: Policy, pairs: Sequence[Any],
+                   schedule: list[list[int]]) -> dict[int, tuple[float, float]]:
+        """(log π_ref(y_w|x), log π_ref(y_l|x)) of every pair the schedule visits, each rank
+        scoring its share."""
+        procs = self.processes
+        used = sorted({i for batch in schedule for i in batch})
+        mine = procs.shard(used)
+        prompts = [pairs[i].prompt for i in mine]
+        chosen = policy.logprobs_chunked(prompts, [pairs[i].chosen for i in mine]).tolist()
+        rejected = policy.logprobs_chunked(prompts, [pairs[i].rejected for i in mine]).tolist()
+        both = procs.unshard(list(zip(chosen, rejected, strict=True)), len(used))
+        return {i: (float(a), float(b)) for i, (a, b) in zip(used, both, strict=True)}
+
+    def _checkpoint(self, step: int, optimizer: torch.optim.Optimizer,
+                    reference: dict[int, tuple[float, float]], history: list[dict[str, Any]]) -> Path:
+        """Rank 0 writes (the replicas are whole and equal on every rank)."""
+        c = self.config
+        if not self.processes.is_main:
+            return checkpoint_path(c.output_dir, step)
+        return save_checkpoint(c.output_dir, step=step, model={"policy": self.policy.model},
+                               optimizer=optimizer, config=c,
+                               extra={"reference": reference, "history": history},
+                               keep=c.keep_checkpoints)
+
     def train(self) -> DPOResult:
         c = self.config
+        procs = self.processes
         started = time.monotonic()
         torch.manual_seed(c.seed)
         pairs = self._load_pairs()
@@ -97,7 +134,7 @@ class DPOTrainer:
             raise ConfigError("no preference pairs to train on")
         if self.policy is None:
             self.policy = Policy.from_pretrained(
-                c.policy, device=c.device, dtype=c.dtype,
+                c.policy, device=str(procs.device or c.device), dtype=c.dtype,
                 lora=lora_from_fields(c.lora_r, c.lora_alpha, c.lora_targets),
                 max_prompt_tokens=c.max_prompt_tokens, max_response_tokens=c.max_response_tokens,
                 artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
@@ -111,43 +148,44 @@ class DPOTrainer:
                      else torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=0.0))
         schedule = self._schedule(len(pairs))
         history: list[dict[str, Any]] = []
-        latest = load_latest(c.output_dir)
+        latest = procs.from_main(load_latest(c.output_dir) if procs.is_main else None)
         if latest is not None:
             state = restore_checkpoint(latest, model={"policy": policy.model}, optimizer=optimizer)
             start, reference, history = state["step"], state["extra"]["reference"], state["extra"]["history"]
         else:
             start = 0
-            used = sorted({i for batch in schedule for i in batch})
-            chosen = policy.logprobs_chunked([pairs[i].prompt for i in used], [pairs[i].chosen for i in used])
-            rejected = policy.logprobs_chunked([pairs[i].prompt for i in used], [pairs[i].rejected for i in used])
-            reference = {i: (float(a), float(b)) for i, a, b in zip(used, chosen, rejected, strict=True)}
+            reference = self._reference(policy, pairs, schedule)
         policy.model.eval()
+        module, optimizer = procs.prepare(policy.model, optimizer)
         for step in range(start + 1, c.steps + 1):
-            if self.callback.should_stop():
-                checkpoint = save_checkpoint(
-                    c.output_dir, step=step - 1, model={"policy": policy.model}, optimizer=optimizer,
-                    config=c, extra={"reference": reference, "history": history}, keep=c.keep_checkpoints)
+            if procs.main_decides(self.callback.should_stop()):
+                checkpoint = self._checkpoint(step - 1, optimizer, reference, history)
                 raise TrainingCancelled(step - 1, str(checkpoint))
-            batch = [pairs[i] for i in schedule[step - 1]]
+            ids = schedule[step - 1]
+            mine = procs.shard(ids)
+            weight, share = procs.share_weight(len(mine), len(ids)), len(mine) / len(ids)
+            if not mine:  # fewer pairs than ranks: a weightless pair keeps DDP's reduction whole
+                mine, weight = ids[:1], 0.0
+            batch = [pairs[i] for i in mine]
             n = len(batch)
             logp = policy.sequence_logprobs([p.prompt for p in batch] * 2,
-                                            [p.chosen for p in batch] + [p.rejected for p in batch])
-            ref = torch.tensor([reference[i] for i in schedule[step - 1]], dtype=logp.dtype, device=logp.device)
+                                            [p.chosen for p in batch] + [p.rejected for p in batch],
+                                            module=module)
+            ref = torch.tensor([reference[i] for i in mine], dtype=logp.dtype, device=logp.device)
             loss, margins = dpo_loss(logp[:n], logp[n:], ref[:, 0], ref[:, 1], c.beta)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            procs.backward(loss * weight)
             if c.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                procs.clip_grad_norm_(params, c.max_grad_norm)
             optimizer.step()
-            metrics = {"loss": float(loss.detach()),
-                       "reward_accuracy": float((margins > 0).float().mean()),
-                       "reward_margin": float(margins.mean())}
+            # the whole batch's means: each rank's share of them, summed over ranks
+            metrics = procs.sum({"loss": float(loss.detach()) * share,
+                                 "reward_accuracy": float((margins > 0).float().mean()) * share,
+                                 "reward_margin": float(margins.mean()) * share})
             history.append({"step": step, **metrics})
             self.callback.on_progress(step, c.steps, metrics)
             if c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.steps:
-                save_checkpoint(c.output_dir, step=step, model={"policy": policy.model}, optimizer=optimizer,
-                                config=c, extra={"reference": reference, "history": history},
-                                keep=c.keep_checkpoints)
+                self._checkpoint(step, optimizer, reference, history)
         tail = history[-max(1, len(history) // 10):]
         metrics = {
             "steps": c.steps,
@@ -157,9 +195,12 @@ class DPOTrainer:
             "wall_time_s": time.monotonic() - started,
         }
         out = Path(c.output_dir)
-        metadata = {"kind": "policy", "algorithm": "dpo", "base_model": c.policy,
-                    "metrics": metrics, "config": c.to_dict()}
-        policy_dir = replace_dir(out / FINAL_MODEL_DIR, lambda directory: policy.save_pretrained(
-            directory, merge=c.merge, metadata=metadata))
-        write_json_atomic(out / "metrics.json", {"metrics": metrics, "history": history})
+        policy_dir = out / FINAL_MODEL_DIR
+        if procs.is_main:
+            metadata = {"kind": "policy", "algorithm": "dpo", "base_model": c.policy,
+                        "metrics": metrics, "config": c.to_dict()}
+            replace_dir(policy_dir, lambda directory: policy.save_pretrained(
+                directory, merge=c.merge, metadata=metadata))
+            write_json_atomic(out / "metrics.json", {"metrics": metrics, "history": history})
+        procs.barrier()
         return DPOResult(str(out), str(policy_dir), metrics, history)

@@ -31,16 +31,32 @@ The RM runs in eval mode (no dropout) so that w(φ) in the inner loop and in the
 are the same function. Evaluation always reports summed-log-prob margins (``outer_pl_accuracy``:
 A(θ_D) > 0) and the reference-normalized one (``pl_margin_moved_right``: A(θ_D) − A(θ_0) > 0,
 the share of pairs the inner step moved the right way), whatever margin trains.
+
+Over several processes (``processes``: a :class:`~training.distributed.Processes` that
+``accelerate launch`` started, see ``training.launch``) every rank holds the RM (wrapped in
+DDP) and the policy, and draws the same tasks and batches (one seed). ``precomputed``: each
+rank computes its share of every G_i's pairs (the shares summed over ranks) and of the
+samples' d_j (the tables gathered whole on every rank); an outer step is then each rank's
+share of the inner batch's prompts (each with all its responses: w is a softmax over them)
+through the RM, its gradient averaged by DDP. ``first_order``: the inner loop's θ-gradient and
+g are summed over ranks from each rank's share of the inner prompts and of the outer pairs (θ
+moves the same on every rank), and each rank's surrogate on its share reaches φ through DDP.
+``exact`` runs in one process only. With any share normalised by the whole batch, the
+hypergradient is the one-process one up to float rounding. Evaluation spreads the tasks over
+the ranks; rank 0 alone reads the callback (every rank stops at the same step), runs the end's
+hypergradient check, writes checkpoints and the RM; every rank resumes from the checkpoint
+rank 0 picked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +65,26 @@ import torch.nn.functional as F
 
 from training.atomic import replace_dir, write_json_atomic
 from training.callbacks import NullCallback, TrainerCallback, TrainingCancelled
-from training.checkpoint import FINAL_MODEL_DIR, load_latest, restore_checkpoint, save_checkpoint
+from training.checkpoint import (
+    FINAL_MODEL_DIR,
+    checkpoint_path,
+    load_latest,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from training.config import ConfigError
 from training.data import PreferencePair, as_pair, load_benchmark, load_pairs, load_samples
+from training.distributed import Processes
 from training.losses import bradley_terry_loss
 from training.models import resolve_pretrained
-from training.oodpl.config import MetaTrainConfig
+from training.oodpl.config import (
+    EXACT_NEEDS_ONE_PROCESS,
+    MetaTrainConfig,
+    replicated_only,
+    resolve_hypergradient,
+)
 from training.oodpl.objective import group_softmax, weighted_log_likelihood
+from training.oodpl.results import MetaTrainResult
 from training.policy import Policy, lora_from_fields
 from training.precision import cast_frozen_linears, mixed_precision
 from training.registry import METADATA_FILE
@@ -77,15 +106,27 @@ class MetaTask:
 
 @dataclass
 class InnerBatch:
-    """Flattened (prompt, response) rows of a few prompts; ``groups`` = responses per prompt."""
+    """Flattened (prompt, response) rows of a few prompts; ``groups`` = responses per prompt.
+    ``total_prompts``: set on a rank's share of a batch, the prompts of the whole batch."""
 
     prompts: list[str]
     responses: list[str]
     groups: list[int]
+    total_prompts: int | None = None
 
     @property
     def num_prompts(self) -> int:
-        return len(self.groups)
+        """n of the weighted log-likelihood: the whole batch's prompts."""
+        return len(self.groups) if self.total_prompts is None else self.total_prompts
+
+    def share(self, prompts: Sequence[int]) -> InnerBatch:
+        """The rows of these prompts (indices into ``groups``), normalised as the whole."""
+        starts = [0]
+        for size in self.groups:
+            starts.append(starts[-1] + size)
+        rows = [j for i in prompts for j in range(starts[i], starts[i + 1])]
+        return InnerBatch([self.prompts[j] for j in rows], [self.responses[j] for j in rows],
+                          [self.groups[i] for i in prompts], self.num_prompts)
 
 
 @dataclass
@@ -138,28 +179,14 @@ def flat_grad(params: Sequence[torch.Tensor]) -> torch.Tensor:
                       for p in params])
 
 
-def resolve_hypergradient(config: MetaTrainConfig) -> str:
-    """``auto`` → precomputed where it is defined (D = 1, θ reset to θ_0), else first_order."""
-    if config.hypergradient != "auto":
-        return config.hypergradient
-    return "precomputed" if config.inner_steps == 1 and not config.carry else "first_order"
-
-
-def rm_rewards(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-    """Differentiable r_φ(x, y), shape (B,)."""
-    return rm.rewards([{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)])
+def rm_rewards(rm: RewardModel, prompts: Sequence[str], responses: Sequence[str],
+               module: torch.nn.Module | None = None) -> torch.Tensor:
+    """Differentiable r_φ(x, y), shape (B,); ``module``: the RM's distributed wrapper (DDP)."""
+    items = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+    return rm.forward(rm.pad(rm.encode_many(items)), module=module)
 
 
 # ---------------------------------------------------------------------- config
-@dataclass
-class MetaTrainResult:
-    output_dir: str
-    rm_dir: str  # the meta-trained RM, loadable with RewardModel.from_pretrained
-    steps: int
-    metrics: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)  # for the registry (generalrm.json)
-
 
 def load_tasks(config: MetaTrainConfig) -> list[MetaTask]:
     """Source tasks from the benchmark or from two JSONL files grouped by ``domain``."""
@@ -199,6 +226,7 @@ class MetaTrainer:
         tasks: Sequence[MetaTask] | None = None,
         reward_model: RewardModel | None = None,
         policy: Policy | None = None,
+        processes: Processes | None = None,
     ) -> None:
         self.config = config
         self.callback = callback or NullCallback()
@@ -206,6 +234,13 @@ class MetaTrainer:
         self.rm = reward_model
         self.policy = policy
         self.rng = random.Random(config.seed)
+        self.processes = processes or Processes.single()
+        if self.processes.distributed:
+            if self.processes.strategy != "ddp":
+                raise ConfigError(replicated_only("meta-training"))
+            if resolve_hypergradient(config) == "exact":
+                raise ConfigError(EXACT_NEEDS_ONE_PROCESS)
+        self.rm_module: torch.nn.Module | None = None  # the RM's DDP wrapper (None: rm.model)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -217,16 +252,17 @@ class MetaTrainer:
         self._tasks = [t for t in self._tasks if t.samples and t.pairs]
         if not self._tasks:
             raise ConfigError("no task has both samples (D_xy) and pairs (D_PL)")
+        device = str(self.processes.device or c.device)
         if self.rm is None:
             self.rm = RewardModel.from_pretrained(
                 resolve_pretrained(c.reward_model, c.artifacts_dir),
-                device=c.device, dtype=c.dtype, max_input_tokens=c.rm_max_tokens,
+                device=device, dtype=c.dtype, max_input_tokens=c.rm_max_tokens,
                 name=c.reward_model, seed=c.seed,
             )
         self.rm.model.eval()
         if self.policy is None:
             self.policy = Policy.from_pretrained(
-                c.policy, device=c.device, dtype=c.dtype,
+                c.policy, device=device, dtype=c.dtype,
                 lora=lora_from_fields(c.policy_lora_r, c.policy_lora_alpha, c.policy_lora_targets),
                 max_prompt_tokens=c.max_prompt_tokens, max_response_tokens=c.max_response_tokens,
                 artifacts_dir=c.artifacts_dir, seed=c.seed, chat_template=c.chat_template,
@@ -258,9 +294,44 @@ class MetaTrainer:
         for name, param in self.theta.items():
             param.copy_(values[name])
 
+    # ------------------------------------------------------------------ this rank's share
+    # Each rank computes its contribution to a loss of the whole batch (sums normalised by the
+    # whole batch, means scaled by the rank's share of it); the contributions add up over
+    # ranks, explicitly for θ-gradients and through DDP for φ's.
+    def _my_prompts(self, batch: InnerBatch) -> tuple[InnerBatch, float]:
+        """This rank's prompts of ``batch``, each with all its responses (w is a softmax over
+        them), and 1; or, when there are fewer prompts than ranks, a weightless stand-in and 0
+        (every rank runs each pass through φ's DDP wrapper)."""
+        mine = self.processes.shard(range(len(batch.groups)))
+        return (batch.share(mine), 1.0) if mine else (batch.share([0]), 0.0)
+
+    def _my_pairs(self, pairs: PairBatch) -> tuple[PairBatch, float]:
+        """This rank's share of ``pairs`` and its fraction of them (0: a weightless stand-in)."""
+        mine = self.processes.shard(pairs.pairs)
+        if not mine:
+            return PairBatch(pairs.pairs[:1]), 0.0
+        return PairBatch(mine), len(mine) / len(pairs.pairs)
+
+    @contextlib.contextmanager
+    def _phi_pass(self, sync: bool) -> Iterator[torch.nn.Module | None]:
+        """A forward and backward of r_φ through its distributed wrapper (yielded); gradients
+        averaged over ranks only with ``sync``, the step's last pass (the others accumulate)."""
+        with self.processes.no_sync(self.rm_module, skip=not sync):
+            yield self.rm_module
+
+    def _phi_backward(self, contribution: torch.Tensor) -> None:
+        """Back-propagate this rank's contribution into φ; DDP averages over ranks, so it is
+        scaled by their number (the gradient is then the sum of the contributions)."""
+        self.processes.backward(contribution * self.processes.world_size)
+
+    @property
+    def _meta_pass_syncs(self) -> bool:
+        """Whether the meta-gradient's last pass through φ is the step's last (no BT term)."""
+        return self.config.bt_weight == 0
+
     # ------------------------------------------------------------------ pieces of a step
-    def weights(self, batch: InnerBatch) -> torch.Tensor:
-        rewards = rm_rewards(self.rm, batch.prompts, batch.responses).to(self.policy.dtype)
+    def weights(self, batch: InnerBatch, module: torch.nn.Module | None = None) -> torch.Tensor:
+        rewards = rm_rewards(self.rm, batch.prompts, batch.responses, module).to(self.policy.dtype)
         return group_softmax(rewards, batch.groups, self.config.beta)
 
     def _inner_objective(self, batch: InnerBatch, weights: torch.Tensor, params=None) -> torch.Tensor:
@@ -301,14 +372,16 @@ class MetaTrainer:
         margins = self.outer_margins(pairs, params)
         return -F.logsigmoid(margins).mean(), margins
 
-    def outer_gradient(self, pairs: Sequence[PreferencePair], chunk: int = 8) -> dict[str, torch.Tensor]:
-        """∇_θ ℓ_PL over ``pairs`` at the policy's current θ, in chunks (G_i of ``precomputed``)."""
+    def outer_gradient(self, pairs: Sequence[PreferencePair], chunk: int = 8,
+                       of: int | None = None) -> dict[str, torch.Tensor]:
+        """∇_θ ℓ_PL over ``pairs`` at the policy's current θ, in chunks (G_i of ``precomputed``);
+        with ``of``, ``pairs`` are a share of that many: this share's part of their mean."""
         params = list(self.theta.values())
         total = [torch.zeros_like(p) for p in params]
         for start in range(0, len(pairs), chunk):
             part = make_pair_batch(pairs[start : start + chunk])
             loss, _ = self.outer_loss(part)
-            loss = loss * (len(part.pairs) / len(pairs))  # the mean over all pairs
+            loss = loss * (len(part.pairs) / (of or len(pairs)))  # the mean over all pairs
             for acc, g in zip(total, self._grads(loss, params), strict=True):
                 acc += g.detach()
         return dict(zip(self.theta, total, strict=True))
@@ -359,6 +432,7 @@ class MetaTrainer:
         """G_i per task and d_j per (prompt, response) of its samples, at θ_0 (see module doc).
         G_i is dropped once its task's d_j are known: a full-fine-tuning θ is large."""
         c = self.config
+        procs = self.processes  # each rank takes a share of the pairs and of the rows
         rng = random.Random(c.seed + 15_485_863)  # not the training order's generator
         self._load_theta(self.theta0)
         self._coefficients = {}
@@ -366,16 +440,18 @@ class MetaTrainer:
             pairs = [as_pair(p) for p in task.pairs]
             if len(pairs) > c.precompute_pairs:
                 pairs = rng.sample(pairs, c.precompute_pairs)
-            gradient = self.outer_gradient(pairs)
+            gradient = self.outer_gradient(procs.shard(pairs), of=len(pairs))
+            procs.sum_tensors_(list(gradient.values()))
             rows = list(dict.fromkeys(
                 (s.prompt, r) for s in task.samples for r in s.responses if isinstance(r, str)))
-            table: dict[tuple[str, str], float] = {}
-            for start in range(0, len(rows), 16):
-                chunk = rows[start : start + 16]
+            mine = procs.shard(rows)
+            values: list[float] = []
+            for start in range(0, len(mine), 16):
+                chunk = mine[start : start + 16]
                 batch = InnerBatch([p for p, _ in chunk], [r for _, r in chunk], [1] * len(chunk))
-                values = self.directional_logprobs(self.theta0, gradient, batch)
-                table.update(zip(chunk, values.double().tolist(), strict=True))
-            self._coefficients[task.name] = table
+                values += self.directional_logprobs(self.theta0, gradient, batch).double().tolist()
+            self._coefficients[task.name] = dict(zip(rows, procs.unshard(values, len(rows)),
+                                                     strict=True))
             del gradient
 
     def _precomputed_meta_gradient(self, inner_batches: Sequence[InnerBatch], task: MetaTask) -> dict[str, float]:
@@ -383,34 +459,43 @@ class MetaTrainer:
         if not self._coefficients:
             self.precompute()
         table = self._coefficients[task.name]
+        mine, present = self._my_prompts(batch)
         directional = torch.tensor(
-            [table[(p, r)] for p, r in zip(batch.prompts, batch.responses, strict=True)],
+            [table[(p, r)] for p, r in zip(mine.prompts, mine.responses, strict=True)],
             dtype=self.policy.dtype, device=self.policy.device)
-        coeff = self.config.inner_lr * directional / batch.num_prompts
-        (coeff * self.weights(batch)).sum().backward()
+        coeff = self.config.inner_lr * directional / mine.num_prompts
+        with self._phi_pass(sync=self._meta_pass_syncs) as module:
+            self._phi_backward((coeff * self.weights(mine, module)).sum() * present)
         return {}
 
     def _first_order_meta_gradient(
         self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
     ) -> dict[str, float]:
         alpha = self.config.inner_lr
+        procs = self.processes
         names, params = list(self.theta), list(self.theta.values())
+        shares = [self._my_prompts(batch) for batch in inner_batches]
         snapshots = []
-        for batch in inner_batches:
+        for mine, present in shares:
             with torch.no_grad():
-                weights = self.weights(batch)
+                weights = self.weights(mine)
             snapshots.append(self._snapshot())
-            grads = self._grads(self._inner_objective(batch, weights), params)
+            grads = self._grads(self._inner_objective(mine, weights) * present, params)
+            procs.sum_tensors_(grads)  # θ moves the same on every rank
             with torch.no_grad():
                 for p, g in zip(params, grads, strict=True):
                     p.add_(g, alpha=alpha)
-        outer_loss, margins = self.outer_loss(pairs)
-        g = dict(zip(names, self._grads(outer_loss, params), strict=True))
-        for theta_t, batch in zip(snapshots, inner_batches, strict=True):
-            coeff = alpha * self.directional_logprobs(theta_t, g, batch) / batch.num_prompts
-            surrogate = (coeff.detach() * self.weights(batch)).sum()
-            surrogate.backward()
-        return self._outer_metrics(margins, outer_loss)
+        my_pairs, share = self._my_pairs(pairs)
+        outer_loss, margins = self.outer_loss(my_pairs)
+        grads = self._grads(outer_loss * share, params)
+        procs.sum_tensors_(grads)
+        g = dict(zip(names, grads, strict=True))
+        for t, (theta_t, (mine, present)) in enumerate(zip(snapshots, shares, strict=True)):
+            coeff = alpha * self.directional_logprobs(theta_t, g, mine) / mine.num_prompts
+            with self._phi_pass(sync=self._meta_pass_syncs and t == len(shares) - 1) as module:
+                self._phi_backward((coeff.detach() * self.weights(mine, module)).sum() * present)
+        return procs.sum({key: value * share
+                          for key, value in self._outer_metrics(margins, outer_loss).items()})
 
     def _exact_meta_gradient(
         self, inner_batches: Sequence[InnerBatch], pairs: PairBatch
@@ -435,9 +520,9 @@ class MetaTrainer:
             "outer_margin_positive": float((margins.detach() > 0).float().mean()),
         }
 
-    def _bt_loss(self, pairs: PairBatch) -> torch.Tensor:
+    def _bt_loss(self, pairs: PairBatch, module: torch.nn.Module | None = None) -> torch.Tensor:
         n = len(pairs.pairs)
-        rewards = self.rm.rewards(pairs.rm_items())
+        rewards = self.rm.forward(self.rm.pad(self.rm.encode_many(pairs.rm_items())), module=module)
         return bradley_terry_loss(rewards[:n] - rewards[n:])
 
     # ------------------------------------------------------------------ one outer step
@@ -462,13 +547,15 @@ class MetaTrainer:
         self._load_theta(self.theta0)
         metrics = self.meta_gradient(inner, pairs, task)
         if c.bt_weight > 0:
-            bt = self._bt_loss(pairs)
-            (c.bt_weight * bt).backward()
-            metrics["bt_loss"] = float(bt.detach())
+            mine, share = self._my_pairs(pairs)
+            with self._phi_pass(sync=True) as module:
+                bt = self._bt_loss(mine, module)
+                self._phi_backward(c.bt_weight * bt * share)
+            metrics["bt_loss"] = self.processes.sum({"bt_loss": float(bt.detach()) * share})["bt_loss"]
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in self.phi if p.grad is not None))
         metrics["hypergrad_norm"] = float(grad_norm)
         if c.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.phi, c.max_grad_norm)
+            self.processes.clip_grad_norm_(self.phi, c.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.carry:
@@ -490,16 +577,23 @@ class MetaTrainer:
         score that task's pairs with π_θD (θ is restored after): ``outer_pl_accuracy`` = share
         with A(θ_D) > 0 (summed log-probs), ``pl_margin_moved_right`` = share with A(θ_D) −
         A(θ_ref) > 0, ``outer_loss`` = ℓ_PL as trained (``outer_margin``); and the RM's own
-        pairwise accuracy on those pairs."""
+        pairwise accuracy on those pairs. Over several processes the tasks are spread over the
+        ranks and every rank gets every task's numbers."""
         c = self.config
+        procs = self.processes
         rng = random.Random(c.seed + 7919 if seed is None else seed)
-        per_task: dict[str, dict[str, float]] = {}
+        tasks = list(tasks if tasks is not None else self._tasks)
+        mine: dict[str, dict[str, float]] = {}
         saved = self._snapshot()
-        for task in tasks if tasks is not None else self._tasks:
-            self._load_theta(self.theta0)
+        for index, task in enumerate(tasks):
+            batches = []  # drawn on every rank, so that the draws of later tasks stay the same
             for _ in range(c.inner_steps):
                 prompts = rng.sample(list(task.samples), min(c.inner_batch_prompts, len(task.samples)))
-                batch = make_inner_batch(prompts, c.responses_per_prompt, rng)
+                batches.append(make_inner_batch(prompts, c.responses_per_prompt, rng))
+            if index % procs.world_size != procs.rank:
+                continue
+            self._load_theta(self.theta0)
+            for batch in batches:
                 with torch.no_grad():
                     weights = self.weights(batch)
                 grads = self._grads(self._inner_objective(batch, weights), list(self.theta.values()))
@@ -513,13 +607,15 @@ class MetaTrainer:
                 trained = {"sum": summed, "reference": moved}.get(c.outer_margin)
                 if trained is None:
                     trained = self.outer_margins(pairs)
-            per_task[task.name] = {
+            mine[task.name] = {
                 "outer_pl_accuracy": float((summed > 0).float().mean()),
                 "pl_margin_moved_right": float((moved > 0).float().mean()),
                 "outer_loss": float(-F.logsigmoid(trained).mean()),
                 "rm_accuracy": self._rm_accuracy(pairs),
             }
         self._load_theta(saved)
+        found = {name: values for part in procs.gather(mine) for name, values in part.items()}
+        per_task = {task.name: found[task.name] for task in tasks}
         names = next(iter(per_task.values())).keys()
         return {
             **{name: sum(t[name] for t in per_task.values()) / len(per_task) for name in names},
@@ -568,7 +664,10 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ run
     def _checkpoint(self, step: int) -> Path:
+        """Rank 0 writes (the replicas are whole and equal on every rank)."""
         c = self.config
+        if not self.processes.is_main:
+            return checkpoint_path(c.output_dir, step)
         models: dict[str, torch.nn.Module] = {"rm": self.rm.model}
         if c.carry:  # otherwise θ_0 is the seeded initial policy, rebuilt identically
             models["policy"] = self.policy.model
@@ -579,7 +678,8 @@ class MetaTrainer:
 
     def _resume(self) -> int:
         c = self.config
-        latest = load_latest(c.output_dir)
+        procs = self.processes  # every rank resumes from the checkpoint rank 0 finds
+        latest = procs.from_main(load_latest(c.output_dir) if procs.is_main else None)
         if latest is None:
             return 0
         models: dict[str, torch.nn.Module] = {"rm": self.rm.model}
@@ -599,6 +699,7 @@ class MetaTrainer:
         self.setup()
         self.history: list[dict[str, Any]] = []
         start = self._resume()
+        self.rm_module, self.optimizer = self.processes.prepare(self.rm.model, self.optimizer)
         if start == 0:
             initial = self.evaluate()
             self.history.append({"step": 0, **{k: v for k, v in initial.items() if k != "per_task"}})
@@ -611,7 +712,7 @@ class MetaTrainer:
             precompute_seconds = time.monotonic() - tick
         step_times = []
         for step in range(start + 1, c.outer_steps + 1):
-            if self.callback.should_stop():
+            if self.processes.main_decides(self.callback.should_stop()):
                 checkpoint = self._checkpoint(step - 1)
                 raise TrainingCancelled(step - 1, str(checkpoint))
             tick = time.monotonic()
@@ -634,7 +735,9 @@ class MetaTrainer:
             "seconds_per_outer_step": sum(step_times) / len(step_times) if step_times else None,
         }
         if self.hypergradient == "precomputed" and c.hypergradient_checks:
-            metrics["hypergradient_check"] = self.check_hypergradient(c.hypergradient_checks)
+            procs = self.processes  # rank 0 checks (no collective inside), the others wait
+            check = self.check_hypergradient(c.hypergradient_checks) if procs.is_main else None
+            metrics["hypergradient_check"] = procs.from_main(check)
         if initial is not None:
             for name in ("outer_pl_accuracy", "pl_margin_moved_right", "outer_loss", "rm_accuracy"):
                 if name in initial:
@@ -659,9 +762,12 @@ class MetaTrainer:
             self.rm.save_pretrained(directory)
             write_json_atomic(directory / METADATA_FILE, metadata)
 
-        rm_dir = replace_dir(out / FINAL_MODEL_DIR, write)
-        write_json_atomic(out / "metrics.json", {"metrics": metrics, "history": self.history})
-        self._checkpoint(c.outer_steps)  # a re-run after a crash here resumes to the end
+        rm_dir = out / FINAL_MODEL_DIR
+        if self.processes.is_main:
+            replace_dir(rm_dir, write)
+            write_json_atomic(out / "metrics.json", {"metrics": metrics, "history": self.history})
+            self._checkpoint(c.outer_steps)  # a re-run after a crash here resumes to the end
+        self.processes.barrier()
         return MetaTrainResult(
             output_dir=str(out), rm_dir=str(rm_dir), steps=c.outer_steps,
             metrics=metrics, history=self.history, metadata=metadata,
