@@ -138,6 +138,9 @@ class MetaTrainSpec(JobSpec):
     pairs_file: DataPath | None = Field(None, description="D_PL pairs with a domain")
     task: str | None = Field(None, description="or the bundled benchmark task (csg, ka)")
     name: RegistryName = Field("rm", description="registry model to publish to")
+    resources: Resources = Field(default_factory=Resources, description="processes (ddp: the "
+                                 "RM and the policy replicated, each inner batch's prompts "
+                                 "shared among them)")
 
 
 class MetaRMSpec(JobSpec):

@@ -30,6 +30,7 @@ from worker.specs import latest_checkpoint_step
 pytestmark = pytest.mark.integration
 
 CURVE_TOLERANCE = 1e-5  # measured: 8e-8 over 24 steps
+META_TOLERANCE = 1e-4  # relative; measured: 1e-6 (tests/training/oodpl/test_launch_oodpl.py)
 FINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -110,6 +111,65 @@ def test_two_processes_train_the_one_process_curve_and_publish_once(
     assert version.metadata["resources"] == {"processes": 2, "strategy": "ddp"}
     files = sorted(p.name for p in version.path.iterdir())
     assert "model.safetensors" in files and not any("index" in f for f in files), files
+    assert len(RewardModel.from_pretrained(version.path, device="cpu").score(
+        [{"prompt": "how are you today?", "response": "good great nice"}])) == 1
+
+
+def _meta_data(data_dir: Path) -> None:
+    """Two source domains of D_xy rows and D_PL pairs (positive words beat negative ones)."""
+    good, bad = ["good great nice", "happy love wonderful"], ["bad awful sad", "poor hate"]
+    prompts = ["how are you today?", "what does this word mean?", "hello, how are you?"]
+    samples = [{"prompt": p, "domain": d, "responses": good + bad}
+               for d in ("greetings", "words") for p in prompts]
+    pairs = [{"prompt": p, "chosen": g, "rejected": b, "domain": d}
+             for d in ("greetings", "words") for p in prompts for g in good for b in bad]
+    for name, rows in (("source.samples", samples), ("source.pairs", pairs)):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _meta_spec(rm: Path, policy: Path, name: str, processes: int = 1) -> dict:
+    spec = {"reward_model": str(rm), "policy": str(policy), "name": name,
+            "samples_file": "source.samples.jsonl", "pairs_file": "source.pairs.jsonl",
+            "params": {"outer_steps": 4, "responses_per_prompt": 3, "inner_batch_prompts": 3,
+                       "outer_batch_pairs": 4, "bt_weight": 0.5, "eval_pairs": 4,
+                       "precompute_pairs": 6, "hypergradient_checks": 1, "inner_lr": 0.1,
+                       "outer_lr": 1e-3, "beta": 0.5, "policy_lora_r": 4, "policy_lora_alpha": 8,
+                       "rm_max_tokens": 64, "max_prompt_tokens": 32, "max_response_tokens": 16,
+                       "device": "cpu", "dtype": "float32", "bf16": False}}
+    if processes > 1:
+        spec["resources"] = {"processes": processes}
+    return spec
+
+
+def test_meta_train_over_two_processes_publishes_one_version(
+    jobs: JobHarness, still_encoder: Path, tiny_policy: Path
+) -> None:
+    """The precomputed hypergradient over 2 processes: the job succeeds, its ranks are recorded
+    and gone after, and rank 0 publishes exactly one RM version, whose numbers are the
+    one-process job's (META_TOLERANCE, as in tests/training/oodpl/test_launch_oodpl.py)."""
+    _meta_data(jobs.data_dir)
+    worker = jobs.start_worker()
+    submitted = jobs.client.submit("meta_train", _meta_spec(still_encoder, tiny_policy,
+                                                            "meta-two", 2))
+    assert (submitted["processes"], submitted["queue"]) == (2, "multi")
+    one = jobs.client.submit("meta_train", _meta_spec(still_encoder, tiny_policy, "meta-one"))
+    done_two = jobs.wait_status(submitted["id"], FINAL, 300, worker)
+    done_one = jobs.wait_status(one["id"], FINAL, 300, worker)
+    assert done_two["status"] == done_one["status"] == "succeeded", done_two["error"]
+
+    attempt = done_two["attempts"][0]
+    assert attempt["processes"] == 2 and [r["rank"] for r in attempt["ranks"]] == [0, 1]
+    pids = [r["pid"] for r in attempt["ranks"]]
+    wait_for(lambda: not any(_alive(p) for p in pids), 60, "the ranks outlived their job", worker)
+    assert _versions(jobs, "meta-two") == ["v1"]
+    version = Registry.from_artifacts(jobs.artifacts).resolve("meta-two")
+    assert (version.metadata["algorithm"], version.metadata["job_id"]) == (
+        "ood-pl-meta-train", submitted["id"])
+    assert version.metadata["resources"] == {"processes": 2, "strategy": "ddp"}
+    two, alone = done_two["metrics"], done_one["metrics"]
+    assert two["hypergradient"] == "precomputed" and two["steps"] == 4
+    for key in ("outer_loss", "initial_outer_loss"):
+        assert two[key] == pytest.approx(alone[key], rel=META_TOLERANCE), key
     assert len(RewardModel.from_pretrained(version.path, device="cpu").score(
         [{"prompt": "how are you today?", "response": "good great nice"}])) == 1
 

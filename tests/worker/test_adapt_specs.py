@@ -167,11 +167,16 @@ def test_meta_train_defaults_and_task(client: JobClient, tiny_encoder_rm: Path,
                                           "pairs_file": "pairs.jsonl"})
     assert spec == {"reward_model": "minilm", "policy": "smollm2-135m", "name": "rm",
                     "params": {}, "samples_file": "samples.jsonl", "pairs_file": "pairs.jsonl",
-                    "task": None}
+                    "task": None, "resources": {"processes": 1, "strategy": "ddp"}}
     spec = client.validate("meta_train", {"task": "csg", "reward_model": "rm:latest",
                                           "policy": str(tiny_policy),
                                           "params": {"domains": ["art"], "outer_steps": 2}})
     assert spec["task"] == "csg"
+    # over several processes: precomputed (the default) and first_order; 4 prompts for 4
+    for params in ({}, {"hypergradient": "first_order", "inner_steps": 2}):
+        spec = client.validate("meta_train", {"task": "csg", "resources": {"processes": 4},
+                                              "params": params})
+        assert spec["resources"] == {"processes": 4, "strategy": "ddp"}
 
 
 @pytest.mark.parametrize(
@@ -190,6 +195,19 @@ def test_meta_train_defaults_and_task(client: JobClient, tiny_encoder_rm: Path,
         ({"task": "csg", "params": {"outer_stepz": 1}}, "outer_stepz"),
         ({"task": "csg", "params": {"inner_steps": 0}}, "inner_steps"),
         ({"task": "csg", "name": "../x"}, "name: "),
+        ({"task": "csg", "resources": {"processes": 9}}, "GENERALRM_JOB_MAX_PROCESSES=8"),
+        ({"task": "csg", "resources": {"processes": 2}, "params": {"hypergradient": "exact"}},
+         "hypergradient exact differentiates through the unrolled inner loop"),
+        ({"task": "csg", "resources": {"processes": 2, "strategy": "fsdp"},
+          "params": {"device": "cpu"}}, "fsdp needs GPUs"),
+        ({"task": "csg", "resources": {"processes": 2, "strategy": "fsdp"}},
+         "meta_train keeps a whole replica of its models on every process"),
+        ({"task": "csg", "resources": {"processes": 4}, "params": {"inner_batch_prompts": 3}},
+         "params.inner_batch_prompts is 3"),
+        ({"task": "csg", "resources": {"processes": 4},
+          "params": {"inner_steps": 2, "outer_batch_pairs": 2}}, "params.outer_batch_pairs is 2"),
+        ({"task": "csg", "resources": {"processes": 4},
+          "params": {"bt_weight": 0.5, "outer_batch_pairs": 2}}, "params.outer_batch_pairs is 2"),
     ],
 )
 def test_meta_train_spec_errors(client: JobClient, spec: dict, says: str) -> None:

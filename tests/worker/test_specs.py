@@ -79,7 +79,7 @@ def test_a_good_spec_gets_its_defaults(client: JobClient, tiny_encoder_rm: Path)
          "batch_size of at least the number of processes"),
         ("strength", {"resources": {"processes": 2, "strategy": "fsdp"}, "name": ...,
                       "eval_file": ..., "params": {}}, "use strategy ddp"),
-        ("meta_train", {"resources": {"processes": 2}}, "unknown spec key"),
+        ("metarm", {"resources": {"processes": 2}}, "unknown spec key"),
     ],
 )
 def test_bad_specs_raise_spec_error(client: JobClient, tiny_encoder_rm: Path,

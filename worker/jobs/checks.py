@@ -219,12 +219,14 @@ def validation_output_dir(settings: WorkerSettings) -> Path:
 
 # ---------------------------------------------------------------------- resources
 def check_resources(resources: Resources, settings: WorkerSettings, *, device: str,
-                    batch_size: int, finetune: str = "full", sharded_ok: bool = True,
+                    batches: dict[str, int], finetune: str = "full",
+                    replicated_reason: str | None = None,
                     single_process_reason: str | None = None) -> None:
     """``resources`` this deployment can run for a trainer with these settings: at most
-    GENERALRM_JOB_MAX_PROCESSES processes, no fewer pairs per micro-batch than processes (each
-    takes its share), FSDP only on GPUs, for full fine-tuning and where the kind allows it
-    (``sharded_ok``); ``single_process_reason``: why this config needs one process, if it does."""
+    GENERALRM_JOB_MAX_PROCESSES processes, no fewer items in each of ``batches`` (params key →
+    size: what the processes share) than processes, FSDP only on GPUs, for full fine-tuning and
+    unless the kind keeps whole replicas (``replicated_reason``: why);
+    ``single_process_reason``: why this config needs one process, if it does."""
     processes = resources.processes
     if processes == 1:
         return
@@ -233,17 +235,16 @@ def check_resources(resources: Resources, settings: WorkerSettings, *, device: s
                         f"one job (GENERALRM_JOB_MAX_PROCESSES={settings.job_max_processes})")
     if single_process_reason:
         raise SpecError(f"resources.processes: {processes}, but {single_process_reason}")
-    if batch_size < processes:
-        raise SpecError(f"resources.processes: {processes} processes each take a share of every "
-                        f"micro-batch, and params.batch_size is {batch_size}; give a batch_size "
-                        "of at least the number of processes")
+    for key, size in batches.items():
+        if size < processes:
+            raise SpecError(f"resources.processes: {processes} processes each take a share of "
+                            f"every batch, and params.{key} is {size}; give a {key} of at least "
+                            "the number of processes")
     if resources.strategy == "fsdp":
         if device == "cpu":
             raise SpecError(f"resources.strategy: {FSDP_NEEDS_GPUS}")
+        if replicated_reason:
+            raise SpecError(f"resources.strategy: {replicated_reason}")
         if finetune != "full":
             raise SpecError("resources.strategy: fsdp shards full fine-tuning; LoRA adapters are "
                             "small enough to replicate: use strategy ddp with finetune lora")
-        if not sharded_ok:
-            raise SpecError("resources.strategy: fsdp is for train_rm; the strength ensemble "
-                            "scores pairs with a whole replica of each member on every process: "
-                            "use strategy ddp")

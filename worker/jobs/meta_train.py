@@ -11,7 +11,14 @@ Spec (``worker.specs.MetaTrainSpec``)::
      # or, instead of the two files:
      "task": "csg",                         # the bundled benchmark (benchdata/{csg,ka})
      "name": "rm",                          # registry model to publish to
+     "resources": {"processes": 2},         # optional: ranks on the worker that claims it (ddp)
      "params": {"outer_steps": 100, ...}}   # any MetaTrainConfig field but those set above
+
+With ``resources.processes`` > 1 the trainer runs over that many processes (``ddp``: the RM
+and the policy replicated on each): the precompute of the ``precomputed`` hypergradient is
+shared among them, each outer step's inner-batch prompts (and outer pairs) are shared, the
+RM's gradient averaged; rank 0 writes the checkpoints and the RM, published once. The
+hypergradient ``exact`` runs in one process only (refused at submission).
 
 The published version's ``generalrm.json`` records the algorithm (``ood-pl-meta-train``),
 the base RM and its registry version when it came from the registry, the policy, the source
@@ -26,19 +33,26 @@ from pathlib import Path
 from typing import Any
 
 from training.data import default_bench_root
-from training.oodpl.config import MetaTrainConfig
+from training.oodpl.config import (
+    EXACT_NEEDS_ONE_PROCESS,
+    MetaTrainConfig,
+    replicated_only,
+    resolve_hypergradient,
+)
 from training.registry import resolve_verified
 from worker.jobs.checks import (
     check_model_reference,
     check_params,
     check_preference_jsonl,
     check_registry_name,
+    check_resources,
     check_samples_jsonl,
     domains_of,
     resolve_data_path,
     trainer_config,
     validation_output_dir,
 )
+from worker.jobs.processes import run_trainer
 from worker.jobs.publish import reward_model_metadata, scalar_metrics, train_and_publish_once
 from worker.specs import JobContext, JobOutcome, MetaTrainSpec, SpecError, ValidationContext
 
@@ -121,8 +135,17 @@ def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
     for key in ("reward_model", "policy"):
         check_model_reference(key, getattr(spec, key), ctx.settings, resolve_short_names=False)
     check_registry_name("name", spec.name, ctx.settings, "reward_model")
-    _config(spec, data, {"reward_model": spec.reward_model, "policy": spec.policy},
-            validation_output_dir(ctx.settings), ctx.settings.artifacts_dir)
+    config = _config(spec, data, {"reward_model": spec.reward_model, "policy": spec.policy},
+                     validation_output_dir(ctx.settings), ctx.settings.artifacts_dir)
+    hypergradient = resolve_hypergradient(config)
+    shared = {"inner_batch_prompts": config.inner_batch_prompts}  # what the processes share
+    if hypergradient == "first_order" or config.bt_weight > 0:
+        shared["outer_batch_pairs"] = config.outer_batch_pairs
+    check_resources(spec.resources, ctx.settings,
+                    device=spec.params.get("device", ctx.settings.device), batches=shared,
+                    replicated_reason=replicated_only("meta_train"),
+                    single_process_reason=EXACT_NEEDS_ONE_PROCESS if hypergradient == "exact"
+                    else None)
     return spec.model_dump()
 
 
@@ -146,9 +169,6 @@ def _reward_stats(config: MetaTrainConfig, rm_dir: str) -> dict[str, float] | No
 
 
 def _train(ctx: JobContext) -> tuple[str, dict[str, Any]]:
-    # deferred: the trainer imports torch, which only the job's own process may load
-    from training.oodpl.meta_train import MetaTrainer
-
     spec = MetaTrainSpec.parse(ctx.spec)
     data = _data(spec, ctx.settings.resolved_data_dir)
     rm = resolve_verified(spec.reward_model, ctx.settings.artifacts_dir)
@@ -157,7 +177,7 @@ def _train(ctx: JobContext) -> tuple[str, dict[str, Any]]:
                      ctx.run_dir, ctx.settings.artifacts_dir)
     if "device" not in spec.params:
         config.device = ctx.settings.device
-    result = MetaTrainer(config, callback=ctx.callback).train()
+    result = run_trainer("meta-train", config, spec.resources, ctx)
 
     metrics = scalar_metrics(result.metrics)
     stats = _reward_stats(config, result.rm_dir)
@@ -174,6 +194,7 @@ def _train(ctx: JobContext) -> tuple[str, dict[str, Any]]:
         domains=result.metadata.get("domains"), task=spec.task,
         samples_file=spec.samples_file, pairs_file=spec.pairs_file,
         per_task=result.metrics.get("per_task"), steps=result.steps,
+        resources=spec.resources.model_dump(),
     )
     return result.rm_dir, metadata
 

@@ -42,6 +42,8 @@ from worker.specs import JobContext, JobOutcome, SpecError, StrengthSpec, Valida
 KIND = StrengthSpec.kind
 RUN_FILE = "strength.jsonl"  # the job's own copy, in its run directory
 SET_BY_SPEC = ("train_file", "output_file", "output_dir", "model")
+STRENGTH_REPLICATED = ("fsdp is for train_rm; the strength ensemble scores pairs with a whole "
+                       "replica of each member on every process: use strategy ddp")
 
 
 def _output_path(spec: StrengthSpec, train: Path, data_dir: Path) -> Path:
@@ -76,7 +78,8 @@ def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
     member = config.member_config(0)
     check_resources(spec.resources, ctx.settings,
                     device=spec.params.get("device", ctx.settings.device),
-                    batch_size=member.batch_size, finetune=member.finetune, sharded_ok=False,
+                    batches={"batch_size": member.batch_size}, finetune=member.finetune,
+                    replicated_reason=STRENGTH_REPLICATED,
                     single_process_reason=SIMCSE_NEEDS_ONE_PROCESS if member.simcse_weight else None)
     _output_path(spec, Path(config.train_file), data_dir)
     check_model_reference("model", spec.model, ctx.settings)

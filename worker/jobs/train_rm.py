@@ -65,7 +65,7 @@ def validate(raw: Any, ctx: ValidationContext) -> dict[str, Any]:
                      spec.model)
     check_resources(spec.resources, ctx.settings,
                     device=spec.params.get("device", ctx.settings.device),
-                    batch_size=config.batch_size, finetune=config.finetune,
+                    batches={"batch_size": config.batch_size}, finetune=config.finetune,
                     single_process_reason=SIMCSE_NEEDS_ONE_PROCESS if config.simcse_weight else None)
     check_model_reference("model", spec.model, ctx.settings)
     check_registry_name("name", spec.name, ctx.settings)
