@@ -37,6 +37,7 @@ from training.bt.strength_file import default_strength_path, strength_rows, writ
 from training.bt.trainer import RMTrainer
 from training.data import load_benchmark, load_pairs
 from training.evaluate import evaluate_pairs, score_pairs
+from training.precision import pick_device, training_precision_name
 
 MARGIN = {"margin": "adaptive", "margin_scale": 1.0}
 METHODS: dict[str, dict[str, Any]] = {
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 strength.append(level_strength)
     goals = targets(rows)
     print_table(rows, strength, goals)
+    # the trainers' default bf16 switch: bf16 autocast where the hardware has bf16 units
+    args.precision = training_precision_name(pick_device())
     report = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows, "strength": strength, "targets": goals,
               "total_wall_seconds": time.monotonic() - started}

@@ -98,6 +98,13 @@ def mixed_precision(device: torch.device, enabled: bool,
     return torch.bfloat16
 
 
+def training_precision_name(device: torch.device, bf16: bool = True) -> str:
+    """What a trainer with this ``bf16`` switch computes in on ``device``, as results files
+    record it (issue 16: benchmarks say which precision their numbers came from)."""
+    dtype = mixed_precision(device, bf16)
+    return "bfloat16 autocast" if dtype is not None else "float32"
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""

@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.metarm_rows import metarm_targets, plot_variance, variance_curves
 from bench.ood.settings import METHODS, Settings
+from training.precision import pick_device, training_precision_name
 
 
 def aggregate(per_seed: list[dict]) -> list[dict]:
@@ -73,7 +74,7 @@ def build_report(s: Settings, per_seed: list[dict], round_records: list[dict],
                  figure: Path | None) -> dict[str, Any]:
     """Table rows, targets and MetaRM curves from per-seed results (one run or merged runs)."""
     rows = aggregate(per_seed)
-    report = {"settings": asdict(s), "rows": rows, "per_seed": per_seed,
+    report = {"settings": asdict(s), "precision": training_precision_name(pick_device()), "rows": rows, "per_seed": per_seed,
               "metarm_rounds": round_records, "step_cost": step_summary(step_costs),
               "method_cost": method_costs,
               "targets": targets(rows, s) + metarm_targets(per_seed, round_records, s.tasks)}

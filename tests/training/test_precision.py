@@ -29,6 +29,11 @@ def test_mixed_precision_only_where_bf16_units_exist(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     assert precision.mixed_precision(CPU, True) is torch.bfloat16
     assert precision.mixed_precision(CPU, False) is None
+    # what a benchmark's results file records for the trainers' default switch
+    assert precision.training_precision_name(CPU) == "bfloat16 autocast"
+    assert precision.training_precision_name(CPU, bf16=False) == "float32"
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    assert precision.training_precision_name(CPU) == "float32"
 
 
 def test_canonical_shapes() -> None:
