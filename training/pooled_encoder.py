@@ -60,10 +60,11 @@ IDENTITY = "torch.nn.modules.linear.Identity"
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Σ_t m_t h_t / max(Σ_t m_t, 1e-9) over the sequence, in fp32 (as sentence-transformers'
-    mean pooling; fp32 so that a bf16 forward pass does not also round the sum)."""
-    mask = attention_mask.unsqueeze(-1).to(torch.float32)
-    return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    """Σ_t m_t h_t / max(Σ_t m_t, 1e-9) over the sequence, as sentence-transformers' mean
+    pooling; in fp32 at least, so that a bf16 forward pass does not also round the sum."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    mask = attention_mask.unsqueeze(-1).to(dtype)
+    return (hidden.to(dtype) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
 
 @dataclass(frozen=True)
