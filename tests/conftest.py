@@ -39,6 +39,18 @@ def tiny_encoder_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sentence_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bare encoder whose sentence-transformers Pooling says mean (as all-MiniLM-L6-v2)."""
+    return tiny.build_sentence_encoder(tmp_path_factory.mktemp("tiny-sentence-encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mean_pooled_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mean-pooled RM saved by generalrm (modules.json, 1_Pooling, 2_Dense)."""
+    return tiny.build_mean_pooled_rm(tmp_path_factory.mktemp("tiny-mean-rm") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_decoder_rm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny.build_decoder_rm(tmp_path_factory.mktemp("tiny-decoder-rm"))
 

@@ -6,13 +6,17 @@ a few hundred parameters per layer, real ``from_pretrained`` loading from disk.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModel,
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -87,12 +91,8 @@ def decoder_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_encoder_rm(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
-    """``dropout`` 0: training is a function of the data alone (no random masks), as a
-    comparison of runs over different numbers of processes needs."""
-    tokenizer = encoder_tokenizer()
-    torch.manual_seed(seed)
-    config = BertConfig(
+def _bert_config(tokenizer: PreTrainedTokenizerFast, dropout: float) -> BertConfig:
+    return BertConfig(
         hidden_dropout_prob=dropout,
         attention_probs_dropout_prob=dropout,
         vocab_size=len(tokenizer),
@@ -105,10 +105,77 @@ def build_encoder_rm(directory: Path, seed: int = 0, dropout: float = 0.1) -> Pa
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.2,  # scores of order 1, so a 1e-4 tolerance means something
     )
-    model = BertForSequenceClassification(config)
+
+
+def build_encoder_rm(directory: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    """``dropout`` 0: training is a function of the data alone (no random masks), as a
+    comparison of runs over different numbers of processes needs."""
+    tokenizer = encoder_tokenizer()
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(_bert_config(tokenizer, dropout))
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def build_sentence_encoder(directory: Path, seed: int = 0, dropout: float = 0.1,
+                           pooling: str | None = "mean") -> Path:
+    """A bare BERT encoder (pooler weights included, as all-MiniLM-L6-v2's checkpoint) laid out
+    as sentence-transformers saves one: ``modules.json`` and ``1_Pooling/config.json`` saying
+    it was trained with ``pooling`` (``mean`` or ``cls``; None: a plain encoder, no such files)."""
+    tokenizer = encoder_tokenizer()
+    torch.manual_seed(seed)
+    config = _bert_config(tokenizer, dropout)
+    config.num_labels = 2  # a bare encoder's config says what PretrainedConfig says
+    model = BertModel(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if pooling is None:
+        return directory
+    (directory / "1_Pooling").mkdir()
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": config.hidden_size,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }))
+    return directory
+
+
+def build_mean_pooled_rm(directory: Path, seed: int = 0) -> Path:
+    """A mean-pooled RM as generalrm saves one (its head "trained": a non-zero bias), built
+    from a tiny sentence encoder."""
+    from training.reward_model import RewardModel
+
+    encoder = build_sentence_encoder(directory.parent / f"{directory.name}-encoder", seed)
+    rm = RewardModel.from_pretrained(encoder, pooling="mean", device="cpu", dtype="float32",
+                                     seed=seed)
+    with torch.no_grad():
+        rm.model.classifier.bias.fill_(0.3)
+    rm.save_pretrained(directory)
+    return directory
+
+
+def mean_pooled_recipe(directory: Path, prompt: str, response: str) -> float:
+    """The reward of a mean-pooled RM as Hugging Face alone computes it (the recipe of
+    ``training.pooled_encoder``): AutoModel, attention-mask mean, the saved linear head."""
+    from safetensors.torch import load_file
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    encoder = AutoModel.from_pretrained(directory).eval()
+    enc = tokenizer(prompt, response, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = encoder(**enc).last_hidden_state
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    head = load_file(str(directory / "2_Dense" / "model.safetensors"))
+    return float(pooled @ head["linear.weight"].T + head["linear.bias"])
 
 
 def _llama_config(tokenizer: PreTrainedTokenizerFast, **extra) -> LlamaConfig:

@@ -22,10 +22,10 @@ import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -48,6 +48,19 @@ def _split_commas(value: Any) -> Any:
 
 StrList = Annotated[list[str], BeforeValidator(_split_commas)]
 """A list of strings that also accepts one comma-separated string."""
+
+Pooling = Literal["auto", "cls", "mean"]
+"""What the reward head of an RM built from a bare encoder reads (``training.pooled_encoder``)."""
+
+
+def pooling_field() -> Any:
+    """The ``pooling`` key of the configs of trainers that build an RM from a backbone."""
+    return Field("auto", description="what a new reward head on a bare encoder reads: mean "
+                 "(the mean of the token states), cls (the architecture's own head: BERT's "
+                 "pooler over [CLS]) or auto (mean when the encoder's own sentence-transformers "
+                 "Pooling says it was trained with mean pooling, as all-MiniLM-L6-v2; cls "
+                 "otherwise). Trained RMs and imported classifiers keep their head; the saved "
+                 "RM records its pooling (modules.json), so serving pools the same way")
 
 
 def _describe_error(error: Mapping[str, Any]) -> str:

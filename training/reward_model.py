@@ -3,14 +3,18 @@
 The contracts the service relies on:
 
 - A score never depends on the batch it was computed in. Everything is right-padded with an
-  attention mask. Encoders (BERT, DeBERTa, MiniLM) pool with their own head (CLS); decoders
+  attention mask. Encoders (BERT, DeBERTa, MiniLM) pool with their own head (CLS), or, when
+  generalrm built the RM from a bare sentence encoder trained with mean pooling, with the
+  mean of their token states (:mod:`training.pooled_encoder`, recorded beside the weights in
+  sentence-transformers' ``modules.json`` layout, so every load pools as training did); decoders
   (GPT-2, Llama, Qwen, Mistral, ...) are pooled here, at the last *attended* position, from
   the per-position logits of their ``score`` head: the Hugging Face implementation locates the
   last token by searching for ``pad_token_id``, which picks the wrong token when the pad token
   doubles as EOS and the sequence ends in EOS.
 - A score is what the model computes: the model gets exactly what its tokenizer produces for
   the rendered item, ``token_type_ids`` included (BERT-style encoders see a prompt/response
-  pair as two segments), so ``model(**tokenizer(prompt, response))`` gives the same number.
+  pair as two segments), so ``model(**tokenizer(prompt, response))`` gives the same number
+  (for a mean-pooled RM: the recipe of :mod:`training.pooled_encoder`).
 - One rendering (:meth:`RewardModel.render`) serves training, evaluation and scoring.
 - A model is served only with a trained reward head: a causal LM or a bare encoder would get
   a randomly initialised one, which is refused unless the caller allows a new head (trainers,
@@ -36,6 +40,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from training.config import Pooling
+from training.pooled_encoder import MeanPooledRewardModel, SavedLayout, mean_pool, read_layout
 from training.precision import (
     Precision,
     autocast,
@@ -131,6 +137,10 @@ class RewardModel:
         self.max_input_tokens = min(max_input_tokens, self._model_max_positions())
         self.reward_index = reward_index  # the label whose logit is the reward
         self.is_decoder = isinstance(getattr(model, "score", None), torch.nn.Module)
+        # what the head reads: the mean of the token states, the last attended token, or the
+        # first token ([CLS], through the architecture's own pooler)
+        self.pooling = ("mean" if isinstance(model, MeanPooledRewardModel)
+                        else "last" if self.is_decoder else "cls")
         # BERT-style encoders tell the two segments of a (prompt, response) pair apart
         self.uses_token_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
         self._ensure_pad_token()
@@ -152,6 +162,7 @@ class RewardModel:
         allow_new_head: bool = True,
         reward_label: int | str | None = None,
         trust_remote_code: bool = False,
+        pooling: Pooling = "auto",
         **model_kwargs: Any,
     ) -> RewardModel:
         """Load from a local directory or a hub id.
@@ -161,6 +172,8 @@ class RewardModel:
         ``allow_new_head`` is true, which is what a trainer wants; otherwise it is refused with
         :class:`ModelLoadError`, which is what a server wants. A classifier with several
         labels needs ``reward_label``: the index or name of the label whose logit is the reward.
+        ``pooling`` (see :func:`choose_pooling`): what a new head on a bare encoder reads;
+        a trained RM always pools as it was trained.
         """
         source = str(path_or_id)
         local = Path(source)
@@ -180,15 +193,23 @@ class RewardModel:
             raise
         classifier = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
         num_labels = config.num_labels if classifier else 1
+        layout = SavedLayout(None, False) if classifier else read_layout(source)
+        mean = choose_pooling(pooling, config, classifier, layout, name or source) == "mean"
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels, dtype=precision.weights, output_loading_info=True,
-                trust_remote_code=trust_remote_code, **model_kwargs,
-            )
-        # any weight the checkpoint lacks is random: the head, or a pooler the head reads
-        new_head = sorted(info.get("missing_keys", ()))
+            if mean:
+                model, new_head = MeanPooledRewardModel.from_pretrained(
+                    source, config, new_head=not layout.reward_head, dtype=precision.weights,
+                    trust_remote_code=trust_remote_code, **model_kwargs)
+            else:
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    source, num_labels=num_labels, dtype=precision.weights,
+                    output_loading_info=True, trust_remote_code=trust_remote_code,
+                    **model_kwargs,
+                )
+                # any weight the checkpoint lacks is random: the head, or a pooler it reads
+                new_head = sorted(info.get("missing_keys", ()))
         if new_head and not allow_new_head:
             kind = ", ".join(config.architectures or [config.model_type])
             raise ModelLoadError(
@@ -328,7 +349,8 @@ class RewardModel:
         """Rewards of shape (B,), differentiable; optionally the pooled features (B, H).
 
         ``inputs`` come from :meth:`pad`. The features are the hidden state the head reads:
-        the last attended token for decoders, the first token for encoders. ``params``
+        the last attended token for decoders, the mean of the attended tokens for a
+        mean-pooled encoder, the first token for other encoders. ``params``
         substitutes some of the model's parameters (by name) for this call only, so that a
         caller can differentiate through a step of them (MetaRM's second-order rule).
         ``module``: what to run instead of ``self.model`` — a distributed wrapper of it (DDP)
@@ -347,7 +369,10 @@ class RewardModel:
         if not return_features:
             return rewards
         hidden = out.hidden_states[-1]
-        features = hidden[rows, last] if self.is_decoder else hidden[:, 0]
+        if self.pooling == "mean":
+            features = mean_pool(hidden, inputs["attention_mask"])
+        else:
+            features = hidden[rows, last] if self.is_decoder else hidden[:, 0]
         return rewards, features
 
     @contextlib.contextmanager
@@ -390,6 +415,46 @@ class RewardModel:
         for start in range(0, len(encoded), batch_size):
             scores.extend(self.score_ids(encoded[start : start + batch_size]))
         return scores
+
+
+def _is_causal_lm(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "is_decoder", False)) or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or [])
+
+
+def choose_pooling(pooling: Pooling, config: PretrainedConfig, classifier: bool,
+                   layout: SavedLayout, name: str) -> str:
+    """``mean`` (:class:`~training.pooled_encoder.MeanPooledRewardModel`) or ``head`` (the
+    architecture's own sequence-classification head: the pooler over [CLS] for BERT, the last
+    token for decoders).
+
+    - A sequence classifier keeps its own trained head; a mean-pooled RM generalrm saved keeps
+      its mean: ``auto`` follows them, a contrary choice is refused.
+    - A bare encoder: ``auto`` is mean when its own sentence-transformers Pooling says it was
+      trained with mean pooling (all-MiniLM-L6-v2), the head otherwise; ``cls``/``mean`` force.
+    - A causal LM pools at its last token: ``mean`` is refused.
+    """
+    if classifier:
+        if pooling == "mean":
+            raise ModelLoadError(
+                f"{name} is a sequence classifier with its own trained head, which it keeps; "
+                "mean pooling gives a new head to a bare encoder (use pooling: auto)")
+        return "head"
+    if layout.reward_head:
+        if pooling == "cls":
+            raise ModelLoadError(
+                f"{name} is a reward model trained with mean pooling (its 2_Dense head reads "
+                "the mean of the token states); pooling: cls would replace that head with a "
+                "new one (use pooling: auto)")
+        return "mean"
+    if _is_causal_lm(config):
+        if pooling == "mean":
+            raise ModelLoadError(f"{name} is a causal LM, whose reward head reads its last "
+                                 "token; mean pooling is for encoders (use pooling: auto)")
+        return "head"
+    if pooling == "auto":
+        return "mean" if layout.pooling == "mean" else "head"
+    return "mean" if pooling == "mean" else "head"
 
 
 def reward_index(config: PretrainedConfig, reward_label: int | str | None, name: str) -> int:

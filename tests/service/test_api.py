@@ -10,6 +10,7 @@ import threading
 import httpx
 import pytest
 
+from tests import tiny
 from tests.service.conftest import live_server
 from training.reward_model import RewardModel
 
@@ -43,6 +44,20 @@ def test_score_matches_the_model_scoring_each_item_alone(encoder_server, tiny_en
     alone = [rm.score([item])[0] for item in body["items"]]
     assert payload["rewards"] == pytest.approx(alone, abs=1e-4)
     assert payload["model"].endswith("@pretrained") and payload["usage"]["tokens"] > 0
+
+
+def test_a_mean_pooled_rm_is_served_with_its_mean(tiny_mean_pooled_rm):
+    """/score of a mean-pooled RM generalrm saved: the Hugging Face recipe's number (AutoModel,
+    attention-mask mean, the saved 2_Dense head), which the CLS head would not give."""
+    items = [{"prompt": f"prompt {i}", "response": "good great " * (i + 1)} for i in range(4)]
+    with live_server(model=str(tiny_mean_pooled_rm), dtype="float32", max_input_tokens=128) as server:
+        response = httpx.post(f"{server.url}/score", json={"items": items})
+        assert response.status_code == 200, response.text
+        rewards = response.json()["rewards"]
+    expected = [tiny.mean_pooled_recipe(tiny_mean_pooled_rm, i["prompt"], i["response"])
+                for i in items]
+    assert rewards == pytest.approx(expected, abs=1e-4)
+    assert len({round(r, 4) for r in rewards}) == len(rewards)
 
 
 def test_preference_is_bradley_terry_of_the_two_scores(encoder_server):

@@ -29,6 +29,7 @@ from training.launch import (
     result_from_json,
     result_to_json,
 )
+from training.pooled_encoder import read_layout
 
 CURVE_TOLERANCE = 1e-5  # fp32, as in tests/integration/test_distributed_jobs.py
 # bf16 autocast (this CPU has AMX): rounding then depends on each rank's padded shapes;
@@ -41,6 +42,7 @@ STRENGTH_TOLERANCE = 3e-2  # μ̂ and d_m scored in bf16: measured 2e-3 (in fp32
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
     return {"model": tiny.build_encoder_rm(root / "model", dropout=0.0),
+            "sentence_encoder": tiny.build_sentence_encoder(root / "sentence-encoder", dropout=0.0),
             "train": write_tiny_preferences(root / "train.jsonl", 48, seed=0),
             "eval": write_tiny_preferences(root / "eval.jsonl", 16, seed=1)}
 
@@ -93,6 +95,23 @@ def test_a_checkpoint_moves_between_one_and_two_processes(data, tmp_path: Path, 
     expected = json.loads((reference.model_dir.parent / LOSS_HISTORY_FILE).read_text())
     assert len(curve) == len(expected) == total
     assert max(abs(a - b) for a, b in zip(curve, expected, strict=True)) <= tolerance
+
+
+def test_a_mean_pooled_bare_encoder_trains_over_two_processes(data, tmp_path: Path) -> None:
+    """DDP refuses a parameter that gets no gradient (find_unused_parameters=False): the
+    mean-pooled RM is built without the encoder's pooler, and 2 processes follow the
+    one-process loss curve and save a mean-pooled RM."""
+    changes = {"model": str(data["sentence_encoder"]), "max_steps": 8}
+    together = launch("train-rm", _config(data, tmp_path / "two", **changes),
+                      LaunchPlan(processes=2, device="cpu", collective_timeout_seconds=60),
+                      tmp_path / "two" / "launch")
+    alone = RMTrainer(_config(data, tmp_path / "one", **changes)).train()
+    assert together.metrics["pooling"] == alone.metrics["pooling"] == "mean"
+    curve = json.loads((tmp_path / "two" / LOSS_HISTORY_FILE).read_text())
+    expected = json.loads((tmp_path / "one" / LOSS_HISTORY_FILE).read_text())
+    assert len(curve) == len(expected) == 8
+    assert max(abs(a - b) for a, b in zip(curve, expected, strict=True)) <= CURVE_TOLERANCE
+    assert read_layout(str(together.model_dir)).reward_head
 
 
 def test_strength_over_two_processes_is_the_one_process_estimate(data, tmp_path: Path) -> None:

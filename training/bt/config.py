@@ -9,7 +9,16 @@ from typing import Any, Literal, Self
 from pydantic import Field, model_validator
 
 from training.bt.strength_file import default_strength_path
-from training.config import MAX_BATCH, MAX_STEPS, MAX_TOKENS, ConfigError, StrList, TrainerConfig
+from training.config import (
+    MAX_BATCH,
+    MAX_STEPS,
+    MAX_TOKENS,
+    ConfigError,
+    Pooling,
+    StrList,
+    TrainerConfig,
+    pooling_field,
+)
 
 MarginMode = Literal["none", "fixed", "adaptive"]
 FlipMode = Literal["none", "fraction", "negative"]
@@ -29,6 +38,7 @@ class RMTrainConfig(TrainerConfig):
                                   "per domain, ECE, reward-difference stats")
     model: str = Field("minilm", description="short name, local directory or hub id of the "
                        "backbone or RM (a bare encoder gets a fresh scalar head)")
+    pooling: Pooling = pooling_field()
     output_dir: str = Field("runs/train_rm", description="checkpoints/, model/ (the final RM), "
                             "metrics.json")
     max_length: int = Field(512, ge=8, le=MAX_TOKENS, description="tokens per (prompt, "

@@ -163,7 +163,7 @@ class RMTrainer:
         # fp32 master weights; bf16 only through autocast.
         self.rm = RewardModel.from_pretrained(
             source, device=self.processes.load_device(self.device), dtype="float32",
-            max_input_tokens=cfg.max_length, seed=cfg.seed,
+            max_input_tokens=cfg.max_length, seed=cfg.seed, pooling=cfg.pooling,
         )
         self.rm.autocast_dtype = mixed_precision(self.device, cfg.bf16)
         if cfg.simcse_weight > 0 and cfg.simcse_dropout is not None:
@@ -361,7 +361,7 @@ class RMTrainer:
         """Every rank evaluates its share and gets the same metrics; rank 0 writes."""
         self.rm.model.eval()
         metrics: dict[str, Any] = {"steps": step, "train_pairs": len(self.pairs),
-                                   "flipped_pairs": len(self.flipped)}
+                                   "flipped_pairs": len(self.flipped), "pooling": self.rm.pooling}
         window = history[-50:]
         metrics["train_loss"] = sum(window) / len(window) if window else float("nan")
         metrics.update(self.evaluate())

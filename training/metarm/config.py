@@ -9,7 +9,15 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
-from training.config import MAX_BATCH, MAX_STEPS, MAX_TOKENS, ConfigError, TrainerConfig
+from training.config import (
+    MAX_BATCH,
+    MAX_STEPS,
+    MAX_TOKENS,
+    ConfigError,
+    Pooling,
+    TrainerConfig,
+    pooling_field,
+)
 from training.oodpl.config import AdaptConfig
 
 
@@ -24,6 +32,7 @@ class MetaRMConfig(TrainerConfig):
 
     model: str = Field("minilm", description="RM to start from: short name (minilm), local "
                        "directory or hub id")
+    pooling: Pooling = pooling_field()
     pairs_file: str | None = Field(None, description="source preference pairs (JSONL); X_t is "
                                    "drawn from them. Not needed when the pairs are passed in memory")
     samples_file: str | None = Field(None, description="shifted-distribution samples (JSONL of "

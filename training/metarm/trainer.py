@@ -240,6 +240,7 @@ class MetaRMTrainer:
             dtype=cfg.dtype,
             max_input_tokens=cfg.max_length,
             seed=cfg.seed,
+            pooling=cfg.pooling,
             # double backward (the second-order rule) is implemented for eager attention only
             **({"attn_implementation": "eager"} if cfg.update == "second_order" else {}),
         )

@@ -235,3 +235,31 @@ def test_the_soft_label_smooths_the_doubtful_pairs_only(tmp_path) -> None:
     assert pair_smoothing(mu, lowest) == [0.0, 0.0, 0.0, 0.2, 0.0]
     everyone = RMTrainConfig(**base, smooth_pairs="all")  # the global form: no strength needed
     assert pair_smoothing(None, everyone) is None and not everyone.needs_strength
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_a_bare_mean_trained_encoder_trains_a_mean_pooled_rm_that_reloads_as_trained(
+        tiny_sentence_encoder, data, tmp_path, finetune) -> None:
+    """pooling auto on an encoder whose Pooling says mean: the RM trains on the mean, is saved
+    with it (LoRA merged) and every later load (serving, evaluation) pools the same way."""
+    base = {k: v.clone() for k, v in RewardModel.from_pretrained(
+        tiny_sentence_encoder, device="cpu", seed=3).model.named_parameters()}
+    result = RMTrainer(config(tiny_sentence_encoder, data, tmp_path / finetune, bf16=False,
+                              finetune=finetune, lora_dropout=0.0)).train()
+    assert result.metrics["pooling"] == "mean"
+    rm = RewardModel.from_pretrained(result.model_dir, device="cpu", dtype="float32",
+                                     allow_new_head=False)
+    assert rm.pooling == "mean"
+    trained = dict(rm.model.named_parameters())
+    assert set(trained) == set(base), "a plain model: no adapters, no pooler"
+    changed = {k for k, v in base.items() if not torch.equal(v, trained[k])}
+    assert "classifier.weight" in changed
+    if finetune == "lora":
+        assert all(("query" in k or "value" in k or "classifier" in k) for k in changed), changed
+    else:
+        assert changed >= set(base) - {"classifier.bias"}
+    pairs = [json.loads(line) for line in data["eval"].read_text().splitlines()]
+    chosen = rm.score([{"prompt": p["prompt"], "response": p["chosen"]} for p in pairs])
+    rejected = rm.score([{"prompt": p["prompt"], "response": p["rejected"]} for p in pairs])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    assert accuracy == pytest.approx(result.metrics["eval_accuracy"])

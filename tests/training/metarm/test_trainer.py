@@ -154,8 +154,11 @@ def _config(tmp_path: Path, model: Path, **overrides) -> MetaRMConfig:
     return MetaRMConfig(**values)
 
 
+@pytest.mark.parametrize("model", ["tiny_encoder_rm", "tiny_mean_pooled_rm"])
 @pytest.mark.parametrize("update", ["first_order", "second_order", "alternating"])
-def test_one_step_equals_the_step_computed_by_hand(tiny_encoder_rm, tmp_path, update):
+def test_one_step_equals_the_step_computed_by_hand(request, tmp_path, update, model):
+    """Also through a mean-pooled RM (its parameters substituted by name, second order too)."""
+    tiny_encoder_rm = request.getfixturevalue(model)
     pairs = source_pairs(3)
     samples = shifted_samples(2, k=4)
     samples.append({"prompt": "compute 1 + 1", "responses": ["2", "3", "= 2"]})  # its own k = 3
