@@ -69,8 +69,8 @@ class RunSettings:
     oodpl_policy: str = "smollm2-135m"
     oodpl_inner_lr: float = 0.1
     oodpl_beta: float = 1.0
-    oodpl_precompute_pairs: int = 32
-    oodpl_prompts_per_domain: int = 12
+    oodpl_precompute_pairs: int = 16
+    oodpl_prompts_per_domain: int = 8
     encoder: str = "minilm"  # the RM that MetaTrainer.setup loads (the precompute ignores it)
     artifacts_dir: str = "artifacts"
     cache_dir: str | None = None
