@@ -46,6 +46,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help=f"comma-separated rows (default all): {','.join(METHODS)}")
     parser.add_argument("--finetune", action="store_true",
                         help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds")
+    parser.add_argument("--oodpl", action="store_true",
+                        help="also OOD-PL meta-training (SmolLM2 precompute: many minutes per task)")
     parser.add_argument("--noise", type=float, default=0.0, help="uniform label noise planted in source pairs")
     parser.add_argument("--data-root", type=Path, default=None, help="data v2 root (default benchdata/v2)")
     parser.add_argument("--model", default="minilm", help="encoder of the fast track")
@@ -67,9 +69,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     methods = args.methods.split(",") if args.methods else None
-    if args.finetune:
+    extra = [*(("oodpl_meta", "oodpl_meta_only") if args.oodpl else ()),
+             *(("ft_bt", "ft_positive_control") if args.finetune else ())]
+    if extra:
         defaults = methods or [name for name, method in METHODS.items() if method.default]
-        methods = [*defaults, *(m for m in ("ft_bt", "ft_positive_control") if m not in defaults)]
+        methods = [*defaults, *(m for m in extra if m not in defaults)]
     run = RunSettings(encoder=args.model, oodpl_policy=args.policy, cache_dir=str(args.cache_dir))
     options = Options(data_root=args.data_root, model=args.model, max_length=args.max_length,
                       bf16=not args.no_bf16, cache_dir=args.cache_dir, noise=args.noise,

@@ -142,6 +142,8 @@ def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float) -> Fitted:
 
 
 register(Method("oodpl_meta", "OOD-PL", "meta-training (precomputed hypergradient, + BT term) "
-                "generalises better than pooled BT", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=1.0)))
+                "generalises better than pooled BT", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=1.0),
+                default=False))
 register(Method("oodpl_meta_only", "OOD-PL", "the meta-gradient alone (no BT term) learns a "
-                "reward that transfers", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=0.0)))
+                "reward that transfers", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=0.0),
+                default=False))

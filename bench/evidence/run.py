@@ -43,7 +43,11 @@ NOT_RUN = {
     "RMTrainer for ≥ 3 seeds did not fit the time box; the fast track (frozen features) is what "
     "the table measures (run it with --finetune)",
 }
-NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"}}
+NOT_RUN["oodpl_meta, oodpl_meta_only"] = (
+    "not run: MetaTrainer.precompute (G_i and one SmolLM2 JVP per 16 source samples) took ~14 min "
+    "per task even at --quick sizes on this loaded 2-core CPU; run it with --oodpl")
+NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
+                "oodpl_meta, oodpl_meta_only": {"oodpl_meta", "oodpl_meta_only"}}
 
 
 @dataclass

@@ -18,13 +18,14 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     output = tmp_path / "out" / "evidence.json"
     args = ["--quick", "--data-root", str(tmp_path / "data"), "--model", str(tiny_encoder_rm),
             "--policy", str(tiny_policy), "--cache-dir", str(tmp_path / "cache"), "--output", str(output), "--threads", "1",
-            "--seeds", "2", "--reps", "100"]
+            "--seeds", "2", "--reps", "100", "--oodpl"]
     assert main(args) == 0
     report = json.loads(output.read_text())
     assert [t["task"] for t in report["tasks"]] == ["csg", "ka"]
     for task in report["tasks"]:
         rows = {r["method"]: r for r in task["rows"]}
-        assert set(rows) == {name for name, method in METHODS.items() if method.default}
+        assert set(rows) == {name for name, method in METHODS.items() if method.default} | {
+            "oodpl_meta", "oodpl_meta_only"}
         assert rows["bt"]["absolute"]["M1"]["low"] <= rows["bt"]["absolute"]["M1"]["high"]
         for name, row in rows.items():
             if name == "bt":
@@ -34,7 +35,8 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
         assert "M3" in rows["metarm"]["contrast"] and "var_dr" in rows["metarm"]["contrast"]
         assert task["features"]["items"] > 0 and task["settings"]["pooling"] in ("cls", "mean")
         assert set(task["settings"]["pooling_heldout"]) == {"cls", "mean"}
-        assert task["not_run"] and len(task["strength_deciles"]) == 10
+        assert list(task["not_run"]) == ["fine-tune track (bt, positive_control)"]
+        assert len(task["strength_deciles"]) == 10
     ka = {r["method"]: r for r in report["tasks"][1]["rows"]}
     assert {"M2:policy-policy", "M2:gloss-gloss", "M2:gloss-policy"} <= set(ka["bt"]["absolute"])
     names = [t["name"] for t in report["targets"]]
@@ -49,7 +51,7 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     assert again["tasks"][0]["features"].get("cached") is True
     rows = {r["method"]: r for r in again["tasks"][0]["rows"]}
     assert rows["ft_bt"]["seeds"] == 3 and rows["ft_positive_control"]["baseline"] == "ft_bt"
-    assert "M1" in rows["ft_positive_control"]["contrast"] and not again["tasks"][0]["not_run"]
+    assert "M1" in rows["ft_positive_control"]["contrast"] and not again["tasks"][0]["not_run"]  # --oodpl and --finetune both ran
 
 
 def test_unknown_method_is_refused():
