@@ -37,15 +37,13 @@ from bench.evidence.stats import Cells, Interval, bootstrap, decide
 log = logging.getLogger(__name__)
 
 PAIR_CLASSES = ("policy-policy", "gloss-gloss", "gloss-policy")
-# Rows this issue could not run (see the README: what is left).
+# Opt-in rows (minutes per run): a run that leaves them out lists them as not run, with why.
 NOT_RUN = {
     "fine-tune track (bt, positive_control)": "not run: full MiniLM fine-tuning with training.bt's "
-    "RMTrainer for ≥ 3 seeds did not fit the time box; the fast track (frozen features) is what "
-    "the table measures (run it with --finetune)",
+    "RMTrainer, 3 seeds, takes ~18 min for CSG alone on this CPU; opt in with --finetune",
+    "oodpl_meta, oodpl_meta_only": "not run: MetaTrainer.precompute (G_i and one SmolLM2 JVP per "
+    "16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
 }
-NOT_RUN["oodpl_meta, oodpl_meta_only"] = (
-    "not run: MetaTrainer.precompute (G_i and one SmolLM2 JVP per 16 source samples) took ~14 min "
-    "per task even at --quick sizes on this loaded 2-core CPU; run it with --oodpl")
 NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
                 "oodpl_meta, oodpl_meta_only": {"oodpl_meta", "oodpl_meta_only"}}
 
