@@ -62,8 +62,8 @@ class Prompt:
     sources: list[str] = field(default_factory=list)
 
 
-def rng_for(config: BuildConfig, task: Task, *purpose: str) -> random.Random:
-    return random.Random(":".join([str(config.seed), task.name, *purpose]))
+def rng_for(seed: int, task: Task, *purpose: str) -> random.Random:
+    return random.Random(":".join([str(seed), task.name, *purpose]))
 
 
 # ----------------------------------------------------------------------------- domains
@@ -117,7 +117,7 @@ def select_prompts(task: Task, config: BuildConfig, domains: Sequence[str]) -> l
         n = min(config.prompts_per_domain, len(pool))
         if n < MIN_PROMPTS:
             raise BuildError(f"{task.name}/{domain}: only {len(pool)} usable prompts")
-        picked = rng_for(config, task, domain, "prompts").sample(pool, n)
+        picked = rng_for(config.seed, task, domain, "prompts").sample(pool, n)
         n_test = min(n - 1, max(1, round(config.test_fraction * n)))
         for index, entry in enumerate(picked):
             part = "test" if index < n_test else "train"
@@ -147,7 +147,7 @@ def gold_ranked_pairs(prompt: Prompt, near_tie: float) -> list[dict[str, Any]]:
 def make_pairs(task: Task, config: BuildConfig, prompt: Prompt, pool: list[Entry]) -> list[dict]:
     rows = []
     extra = task.extra_pairs(
-        prompt.entry, pool, rng_for(config, task, prompt.id, "extra"), task.near_tie
+        prompt.entry, pool, rng_for(config.seed, task, prompt.id, "extra"), task.near_tie
     )
     for text, score, source in extra:
         rows.append({"chosen": prompt.entry.reference, "rejected": text,
@@ -245,7 +245,7 @@ def build_task(task: Task, config: BuildConfig) -> Path:
             domain_stats["pair_kinds"].update(row["kind"] for row in pairs)
             if part == "train":
                 for noise in config.label_noise:
-                    rng = rng_for(config, task, domain, f"noise{noise:g}")
+                    rng = rng_for(config.seed, task, domain, f"noise{noise:g}")
                     write_jsonl(folder / pairs_filename(part, noise), plant_noise(pairs, noise, rng))
         policy_gold = [g for p in mine for g, s in zip(p.gold, p.sources, strict=True) if s == "policy"]
         reference_gold = [p.gold[-1] for p in mine]

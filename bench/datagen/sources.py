@@ -6,6 +6,7 @@ Only parsing lives here: which entries are usable, never how they become prompts
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,25 +75,78 @@ class Sense:
     offset: str
 
 
+@dataclass(frozen=True)
+class Synset:
+    """One line of a WordNet ``data.{noun,verb}`` file: what the KA tasks need of it."""
+
+    pos: str  # "noun" or "verb"
+    offset: str
+    lexname: str
+    lemmas: tuple[str, ...]  # as written in the file (underscores, case)
+    gloss: str  # cleaned: the definition without the quoted examples
+    hypernyms: tuple[str, ...]  # keys of its class (@) and instance (@i) hypernyms, file order
+
+    @property
+    def key(self) -> str:
+        return synset_key(self.pos, self.offset)
+
+
+MIN_GLOSS_WORDS = 4  # shorter glosses ("a person") name no meaning an answer could match
+HYPERNYM_POINTERS = ("@", "@i")
+
+
+def synset_key(pos: str, offset: str) -> str:
+    """Offsets are per part-of-speech file, so a synset is named by both."""
+    return f"{pos}:{offset}"
+
+
 def _clean_gloss(raw: str) -> str:
     definition = raw.split('; "')[0].split(' "')[0]
     return " ".join(definition.strip().rstrip(";").split())
+
+
+def _database_lines(path: Path) -> Iterator[str]:
+    """The lines of a WordNet database file, without its indented licence header."""
+    if not path.is_file():
+        raise SourceMissingError(f"{path} not found: apt-get install wordnet-base")
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        yield from (line for line in handle if not line.startswith(" "))
 
 
 def sense_counts(root: Path = WORDNET_DIR) -> dict[str, int]:
     """Number of synsets of each lemma across all parts of speech."""
     counts: dict[str, int] = {}
     for pos in POS_FILES:
-        path = root / f"index.{pos}"
-        if not path.is_file():
-            raise SourceMissingError(f"{path} not found: apt-get install wordnet-base")
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(" "):
-                    continue  # licence header
-                fields = line.split()
-                counts[fields[0]] = counts.get(fields[0], 0) + int(fields[2])
+        for line in _database_lines(root / f"index.{pos}"):
+            fields = line.split()
+            counts[fields[0]] = counts.get(fields[0], 0) + int(fields[2])
     return counts
+
+
+def read_synsets(pos: str, root: Path = WORDNET_DIR) -> Iterator[Synset]:
+    """The synsets of ``data.{pos}`` in file order (wndb(5WN): offset, lexicographer file
+    number, type, hex word count, words with lex ids, decimal pointer count, pointers of
+    4 fields, [verb frames,] ``|`` gloss)."""
+    for line in _database_lines(root / f"data.{pos}"):
+        head, _, raw_gloss = line.partition(" | ")
+        fields = head.split()
+        n_words = int(fields[3], 16)
+        after_words = 4 + 2 * n_words
+        n_pointers = int(fields[after_words])
+        pointers = fields[after_words + 1 : after_words + 1 + 4 * n_pointers]
+        hypernyms = tuple(
+            synset_key(pos, pointers[i + 1])
+            for i in range(0, len(pointers), 4)
+            if pointers[i] in HYPERNYM_POINTERS
+        )
+        yield Synset(
+            pos=pos,
+            offset=fields[0],
+            lexname=LEXNAMES[int(fields[1])],
+            lemmas=tuple(fields[4:after_words:2]),
+            gloss=_clean_gloss(raw_gloss),
+            hypernyms=hypernyms,
+        )
 
 
 def read_wordnet_senses(root: Path = WORDNET_DIR) -> dict[str, list[Sense]]:
@@ -105,23 +159,40 @@ def read_wordnet_senses(root: Path = WORDNET_DIR) -> dict[str, list[Sense]]:
     by_lexname: dict[str, list[Sense]] = {}
     seen_glosses: set[str] = set()
     for pos in ("noun", "verb"):
-        with open(root / f"data.{pos}", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(" "):
-                    continue
-                head, _, raw_gloss = line.partition(" | ")
-                fields = head.split()
-                offset, lexnum, n_words = fields[0], int(fields[1]), int(fields[3], 16)
-                lemmas = fields[4 : 4 + 2 * n_words : 2]
-                gloss = _clean_gloss(raw_gloss)
-                if len(words(gloss)) < 4 or gloss in seen_glosses:
-                    continue
-                for lemma in lemmas:
-                    plain = lemma.replace("_", "").replace("-", "")
-                    if counts.get(lemma.lower()) == 1 and plain.isalpha() and plain.islower():
-                        seen_glosses.add(gloss)
-                        by_lexname.setdefault(LEXNAMES[lexnum], []).append(
-                            Sense(lemma.replace("_", " "), gloss, LEXNAMES[lexnum], offset)
-                        )
-                        break
+        for synset in read_synsets(pos, root):
+            gloss = synset.gloss
+            if len(words(gloss)) < MIN_GLOSS_WORDS or gloss in seen_glosses:
+                continue
+            for lemma in synset.lemmas:
+                plain = lemma.replace("_", "").replace("-", "")
+                if counts.get(lemma.lower()) == 1 and plain.isalpha() and plain.islower():
+                    seen_glosses.add(gloss)
+                    by_lexname.setdefault(synset.lexname, []).append(
+                        Sense(lemma.replace("_", " "), gloss, synset.lexname, synset.offset)
+                    )
+                    break
     return by_lexname
+
+
+@dataclass(frozen=True)
+class WordNetGraph:
+    """Noun and verb synsets by key, and the inverse of their hypernym pointers."""
+
+    synsets: dict[str, Synset]
+    hyponyms: dict[str, tuple[str, ...]]  # hypernym key -> keys of its hyponyms, sorted
+
+    def siblings(self, key: str) -> list[Synset]:
+        """Co-hyponyms: the other hyponyms of the synset's first hypernym, in key order."""
+        parents = self.synsets[key].hypernyms
+        if not parents:
+            return []
+        return [self.synsets[k] for k in self.hyponyms.get(parents[0], ()) if k != key]
+
+
+def read_wordnet_graph(root: Path = WORDNET_DIR) -> WordNetGraph:
+    synsets = {s.key: s for pos in ("noun", "verb") for s in read_synsets(pos, root)}
+    below: dict[str, set[str]] = {}
+    for synset in synsets.values():
+        for parent in synset.hypernyms:
+            below.setdefault(parent, set()).add(synset.key)
+    return WordNetGraph(synsets, {k: tuple(sorted(v)) for k, v in below.items()})

@@ -3,7 +3,8 @@
 - CSG (controlled sentiment generation): a fortune's first words are the prompt, the rest of
   it is the real continuation, the policy continues the text; gold = VADER compound.
 - KA (knowledge answer): "what does <word> mean?" for a monosemous WordNet word; the true
-  answer is its gloss; gold of any answer = token-F1 against that gloss.
+  answer is its gloss; gold of any answer = token-F1 against that gloss. Data v2 adds, per
+  word, the answers only knowledge can rank: the glosses of its co-hyponyms and hypernym.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from bench.datagen.generate import SamplingParams
 CSG_PROMPT_WORDS = 8
 CSG_MAX_CONTINUATION_WORDS = 30
 KA_DISTRACTORS = 2
+KA_SIBLINGS = 3  # sibling glosses among a word's v2 candidates (at most)
+KA_MIN_SIBLINGS = 2  # a word with fewer usable co-hyponyms is not a v2 prompt
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,52 @@ def ka_distractors(
         if len(picked) == KA_DISTRACTORS:
             break
     return picked
+
+
+@lru_cache(maxsize=1)
+def wordnet_graph() -> sources.WordNetGraph:
+    return sources.read_wordnet_graph()
+
+
+def ka_synset_key(entry: Entry) -> str:
+    """The synset a KA entry asks about, from its ``wordnet/{lexname}/{offset}`` source."""
+    _, lexname, offset = entry.source.split("/")
+    return sources.synset_key(lexname.split(".")[0], offset)
+
+
+def ka_relatives(entry: Entry) -> tuple[str, list[str]] | None:
+    """(the hypernym's gloss, the co-hyponyms' glosses in synset order) of a KA word, or None
+    when it has no hypernym or fewer than KA_MIN_SIBLINGS co-hyponyms whose glosses are long
+    enough (sources.MIN_GLOSS_WORDS) and differ from the true and the hypernym's gloss."""
+    graph = wordnet_graph()
+    synset = graph.synsets[ka_synset_key(entry)]
+    if not synset.hypernyms:
+        return None
+    hypernym = graph.synsets[synset.hypernyms[0]].gloss
+    if not hypernym or hypernym == entry.reference:
+        return None
+    siblings: list[str] = []
+    seen = {entry.reference, hypernym}
+    for sibling in graph.siblings(synset.key):
+        gloss = sibling.gloss
+        if len(sources.words(gloss)) >= sources.MIN_GLOSS_WORDS and gloss not in seen:
+            seen.add(gloss)
+            siblings.append(gloss)
+    if len(siblings) < KA_MIN_SIBLINGS:
+        return None
+    return hypernym, siblings
+
+
+def ka_knowledge_candidates(entry: Entry, rng: random.Random) -> list[tuple[str, str]]:
+    """(text, kind) answers that only knowledge of the word ranks: its true gloss ("gloss"),
+    up to KA_SIBLINGS glosses of co-hyponyms drawn by ``rng`` ("sibling": same kind of thing,
+    other thing) and its hypernym's gloss ("hypernym": right kind, too general)."""
+    relatives = ka_relatives(entry)
+    if relatives is None:
+        raise ValueError(f"{entry.source}: no hypernym or too few co-hyponyms")
+    hypernym, siblings = relatives
+    picked = rng.sample(siblings, min(KA_SIBLINGS, len(siblings)))
+    return [(entry.reference, "gloss"), *((g, "sibling") for g in picked), (hypernym, "hypernym")]
 
 
 KA = Task(

@@ -1,0 +1,73 @@
+"""The fine-tune track: the repo's real Bradley–Terry trainer (``training.bt.trainer.RMTrainer``,
+full fine-tuning of the encoder) for BT and the positive control, a few seeds.
+
+Each run writes its pairs as JSONL, trains with ``RMTrainer``, loads the final model with
+``RewardModel.from_pretrained`` (serving's loader, the model's own CLS head) and scores the
+eval prompts' candidates and the source validation pairs once; the scores are cached on disk
+(the model is deleted). Rows ``ft_bt`` and ``ft_positive_control`` (baseline ``ft_bt``) run
+only when asked for (``--finetune``): minutes per run on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bench.evidence.data import SourcePair
+from bench.evidence.methods import Fitted, Method, TaskContext, register
+from training.atomic import write_jsonl_atomic
+from training.bt.config import RMTrainConfig
+from training.bt.trainer import RMTrainer
+from training.models import resolve_pretrained
+from training.reward_model import RewardModel
+
+FINETUNE_SEEDS = 3
+TRAINER_OPTIONS = {"max_length": 128, "epochs": 1.0, "batch_size": 16, "learning_rate": 5e-5,
+                   "checkpoint_every": 0, "reward_stats_max_items": 64, "eval_batch_size": 64}
+
+
+def _scored_items(ctx: TaskContext) -> list[tuple[str, str]]:
+    items = [(ps.prompt, c) for ps in ctx.data.heldout_part("eval") for c in ps.candidates]
+    items += [(p.prompt, r) for p in ctx.data.pairs("val") for r in (p.chosen, p.rejected)]
+    return list(dict.fromkeys(items))
+
+
+def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str) -> Fitted:
+    root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / "finetune"
+    items = _scored_items(ctx)
+    key = hashlib.sha256(json.dumps([ctx.settings.encoder, TRAINER_OPTIONS, seed,
+                                     [(p.prompt, p.chosen, p.rejected) for p in pairs], items]).encode())
+    cache = root / f"{ctx.task}-{name}-s{seed}-{key.hexdigest()[:16]}.json"
+    if cache.is_file():
+        scores = json.loads(cache.read_text())
+    else:
+        work = root / f"{ctx.task}-{name}-s{seed}"
+        shutil.rmtree(work, ignore_errors=True)
+        train_file = work / "train.jsonl"
+        write_jsonl_atomic(train_file, [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen,
+                                         "rejected": p.rejected, "domain": p.domain} for p in pairs])
+        config = RMTrainConfig.from_dict({"train_file": str(train_file), "output_dir": str(work / "run"),
+                                          "model": resolve_pretrained(ctx.settings.encoder), "seed": seed,
+                                          **TRAINER_OPTIONS})
+        result = RMTrainer(config).train()
+        rm = RewardModel.from_pretrained(result.model_dir, device="cpu", max_input_tokens=config.max_length)
+        with torch.inference_mode():
+            values = rm.score([{"prompt": p, "response": r} for p, r in items], batch_size=64)
+        scores = {"items": [list(i) for i in items], "rewards": values, "train_seconds": result.metrics.get("train_seconds")}
+        cache.write_text(json.dumps(scores))
+        shutil.rmtree(work, ignore_errors=True)
+    rewards = {ctx.table.rows[(p, r)]: v for (p, r), v in zip(scores["items"], scores["rewards"], strict=True)}
+    return Fitted([], row_rewards=rewards, info={"train_seconds": scores.get("train_seconds")})
+
+
+register(Method("ft_bt", "—", "pooled BT, fine-tuned with the repo's trainer (fine-tune track)",
+                lambda ctx, seed: finetune(ctx, ctx.train_pairs, seed, "bt"), baseline=None,
+                role="baseline", seeds=FINETUNE_SEEDS, default=False))
+register(Method("ft_positive_control", "—", "positive control on the fine-tune track",
+                lambda ctx, seed: finetune(ctx, [*ctx.train_pairs, *ctx.control_pairs], seed, "positive_control"),
+                baseline="ft_bt", role="control", seeds=FINETUNE_SEEDS, default=False))

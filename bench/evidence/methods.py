@@ -1,0 +1,327 @@
+"""The reward models the benchmark compares: one ``Method`` per row, in a registry.
+
+A method is ``fit(context, seed) -> Fitted``: it trains a fast-track RM (heads on cached
+features, ``bench.evidence.head``) from what the ``TaskContext`` offers — source training
+pairs (with any planted noise), the held-out control part's prompts and candidates (unlabeled
+for the methods; labeled pairs only for the positive control), and other methods' fitted RMs
+of the same seed (``context.fitted``, cached: MetaRM starts from BT's head). Issue 17 adds rows
+by registering more methods; the harness evaluates whatever is registered.
+
+The Secrets-II rows reuse the trainer's own pieces: preference strength is
+``training.bt.strength_file.strength_rows`` over an ensemble of M heads (member m of seed s
+trains with its own seed, like ``StrengthConfig.member_config``); flipping is
+``training.bt.trainer.apply_strength``; per-pair smoothing ``pair_smoothing``; the adaptive
+margin λ·μ̂ and every loss term come from an ``RMTrainConfig`` through
+``training.losses.reward_model_loss``. MetaRM rounds call ``MetaRMTrainer.meta_step`` on a
+head (``FeatureRewardModel``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.evidence.data import PromptSet, SourcePair, TaskData
+from bench.evidence.features import FeatureTable
+from bench.evidence.head import (
+    FeatureRewardModel,
+    HeadSettings,
+    PairRows,
+    RewardHead,
+    frozen_copy,
+    new_head,
+    score,
+    train_head,
+)
+from bench.evidence.metrics import top_k
+from training.bt.config import RMTrainConfig
+from training.bt.strength_file import strength_rows
+from training.bt.trainer import apply_strength, pair_smoothing, set_dropout
+from training.data import PreferencePair
+from training.losses import LossWeights
+from training.metarm.config import MetaRMConfig
+from training.metarm.trainer import MetaRMTrainer, sample_groups
+
+IN_MEMORY = "(in memory)"  # RMTrainConfig wants a train_file; the pairs come from the context
+
+
+@dataclass
+class RunSettings:
+    """What every method of a run shares (the knobs issue 17 turns)."""
+
+    head: HeadSettings = field(default_factory=HeadSettings)
+    strength_members: int = 5
+    label_smoothing: float = 0.1
+    margin_scale: float = 1.0
+    simcse_weight: float = 0.1
+    simcse_temperature: float = 0.05
+    simcse_dropout: float = 0.05
+    metarm_rounds: int = 3
+    metarm_steps: int = 40
+    metarm_meta_lr: float = 0.1
+    metarm_meta_batch: int = 8
+    metarm_learning_rate: float = 3e-4
+    oodpl_policy: str = "smollm2-135m"
+    oodpl_inner_lr: float = 0.1
+    oodpl_beta: float = 1.0
+    oodpl_precompute_pairs: int = 16
+    oodpl_prompts_per_domain: int = 8
+    encoder: str = "minilm"  # the RM that MetaTrainer.setup loads (the precompute ignores it)
+    artifacts_dir: str = "artifacts"
+    cache_dir: str | None = None
+
+
+@dataclass
+class Fitted:
+    """A fitted RM: the mean reward of ``heads``; MetaRM also keeps each round's RM."""
+
+    heads: list[RewardHead]
+    rounds: list[Fitted] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    row_rewards: dict[int, float] | None = None  # a model scored once (the fine-tune track)
+
+
+@dataclass
+class TaskContext:
+    task: str
+    data: TaskData
+    table: FeatureTable
+    features: torch.Tensor  # standardized, the chosen pooling
+    settings: RunSettings
+    train_pairs: list[SourcePair]  # as labelled: planted flips already swapped
+    flipped: list[bool]
+    control_pairs: list[SourcePair]
+    fits: dict[tuple[str, int], Fitted] = field(default_factory=dict)
+
+    def rows(self, prompt: str, responses: Sequence[str]) -> torch.Tensor:
+        return self.table.index([(prompt, r) for r in responses])
+
+    def pair_rows(self, pairs: Sequence[SourcePair]) -> PairRows:
+        return PairRows(self.table.index([(p.prompt, p.chosen) for p in pairs]),
+                        self.table.index([(p.prompt, p.rejected) for p in pairs]))
+
+    def rewards(self, fitted: Fitted, prompts: Sequence[PromptSet]) -> list[np.ndarray]:
+        """Per prompt, the RM's rewards of its candidates (one scoring pass)."""
+        rows = torch.cat([self.rows(ps.prompt, ps.candidates) for ps in prompts])
+        flat = self.score(fitted, rows)
+        out, start = [], 0
+        for ps in prompts:
+            out.append(flat[start : start + len(ps.candidates)])
+            start += len(ps.candidates)
+        return out
+
+    def score(self, fitted: Fitted, rows: torch.Tensor) -> np.ndarray:
+        """Rewards of feature rows under ``fitted``."""
+        if fitted.row_rewards is not None:
+            return np.array([fitted.row_rewards[int(i)] for i in rows], dtype=np.float64)
+        return score(fitted.heads, self.features, rows)
+
+    def pair_accuracy(self, fitted: Fitted, pairs: Sequence[SourcePair]) -> float:
+        rows = self.pair_rows(pairs)
+        d = self.score(fitted, rows.chosen) - self.score(fitted, rows.rejected)
+        return float(np.mean(d > 0)) if len(d) else math.nan
+
+    def fitted(self, method: str, seed: int) -> Fitted:
+        """Another method's RM of this seed (fitted once, then cached)."""
+        key = (method, seed)
+        if key not in self.fits:
+            self.fits[key] = METHODS[method].fit(self, seed)
+        return self.fits[key]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    paper: str
+    claim: str
+    fit: Callable[[TaskContext, int], Fitted]
+    baseline: str | None = "bt"  # the row it is compared with (paired by seed and prompt)
+    role: str = "method"  # "method", "baseline", "control"
+    rounds: bool = False  # MetaRM: M3 over rounds
+    seeds: int | None = None  # a fixed number of seeds (the fine-tune track), else the run's
+    default: bool = True  # run unless asked for by name (--methods) when False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+# ---------------------------------------------------------------------- Bradley–Terry
+def rm_config(**options: Any) -> RMTrainConfig:
+    """The train-rm config a Secrets-II option means (only its loss knobs are used here)."""
+    return RMTrainConfig.from_dict({"train_file": IN_MEMORY, **options})
+
+
+def loss_weights(config: RMTrainConfig) -> LossWeights:
+    """As ``RMTrainer.__init__`` builds them."""
+    return LossWeights(label_smoothing=config.label_smoothing, center_coef=config.center_coef,
+                       simcse_weight=config.simcse_weight, simcse_temperature=config.simcse_temperature,
+                       simcse_representation=config.simcse_representation)
+
+
+def fit_bt(ctx: TaskContext, seed: int) -> Fitted:
+    return Fitted([train_head(ctx.features, ctx.pair_rows(ctx.train_pairs), ctx.settings.head, seed)])
+
+
+register(Method("bt", "—", "pooled Bradley–Terry on the source domains", fit_bt, baseline=None,
+                role="baseline"))
+
+
+# ---------------------------------------------------------------------- Secrets of RLHF II
+def as_preference_pairs(pairs: Sequence[SourcePair]) -> list[PreferencePair]:
+    return [PreferencePair(p.prompt, p.chosen, p.rejected, domain=p.domain, id=p.id) for p in pairs]
+
+
+def strength(ctx: TaskContext, seed: int) -> tuple[list[float], list[RewardHead]]:
+    """μ̂ of every training pair from an ensemble of M heads (``strength_rows``), cached."""
+    key = ("_strength", seed)
+    if key not in ctx.fits:
+        rows = ctx.pair_rows(ctx.train_pairs)
+        members, diffs = [], []
+        for m in range(ctx.settings.strength_members):
+            member_seed = 20_000 + seed * ctx.settings.strength_members + m
+            head = train_head(ctx.features, rows, ctx.settings.head, member_seed)
+            members.append(head)
+            diffs.append((score([head], ctx.features, rows.chosen)
+                          - score([head], ctx.features, rows.rejected)).tolist())
+        table = strength_rows(as_preference_pairs(ctx.train_pairs), diffs)
+        ctx.fits[key] = Fitted(members, info={"mu": [r["mu"] for r in table]})
+    cached = ctx.fits[key]
+    return cached.info["mu"], cached.heads
+
+
+def fit_with_strength(ctx: TaskContext, seed: int, **options: Any) -> Fitted:
+    """One train-rm config's Secrets-II options (flip, margin, smoothing, SimCSE) on a head."""
+    s = ctx.settings
+    config = rm_config(**options)
+    pairs = as_preference_pairs(ctx.train_pairs)
+    mu: list[float] | None = None
+    flipped: list[int] = []
+    if config.needs_strength:
+        mu, _ = strength(ctx, seed)
+        pairs, mu, flipped = apply_strength(pairs, mu, config)
+    smoothing = pair_smoothing(mu, config)
+    rows = PairRows(ctx.table.index([(p.prompt, p.chosen) for p in pairs]),
+                    ctx.table.index([(p.prompt, p.rejected) for p in pairs]))
+    if config.margin == "adaptive":
+        rows.margin = config.margin_scale * torch.tensor(mu, dtype=torch.float32)
+    elif config.margin == "fixed":
+        rows.margin = torch.full((len(pairs),), config.margin_value)
+    if smoothing is not None:
+        rows.smoothing = torch.tensor(smoothing, dtype=torch.float32)
+    head = None
+    if config.simcse_weight > 0 and config.simcse_dropout is not None:
+        head = new_head(ctx.features.shape[1], s.head, seed)
+        set_dropout(head, config.simcse_dropout)
+    fitted = train_head(ctx.features, rows, s.head, seed, weights=loss_weights(config), head=head)
+    planted = [i for i, f in enumerate(ctx.flipped) if f]
+    info: dict[str, Any] = {"flipped_pairs": len(flipped)}
+    if planted and flipped:
+        info["planted_flips_caught"] = len(set(planted) & set(flipped)) / len(planted)
+    return Fitted([fitted], info=info)
+
+
+def fit_strength_ensemble(ctx: TaskContext, seed: int) -> Fitted:
+    """The strength estimator's M heads, their mean reward as the RM."""
+    _, members = strength(ctx, seed)
+    return Fitted(list(members))
+
+
+def secrets(name: str, claim: str, options: Callable[[RunSettings], dict[str, Any]]) -> Method:
+    """A Secrets-II row: the train-rm options ``options(settings)`` on a head."""
+    def fit(ctx: TaskContext, seed: int) -> Fitted:
+        return fit_with_strength(ctx, seed, **options(ctx.settings))
+
+    return register(Method(name, "Secrets of RLHF II", claim, fit))
+
+
+def _secrets_rows() -> None:
+    secrets("flip", "flipping the pairs with negative preference strength (μ̂ < 0) helps",
+            lambda s: {"flip": "negative"})
+    secrets("margin", "an adaptive margin m = λ·μ̂ helps",
+            lambda s: {"margin": "adaptive", "margin_scale": s.margin_scale})
+    secrets("smooth_negative", "label smoothing of the pairs with μ̂ < 0 (the paper's soft label) helps",
+            lambda s: {"label_smoothing": s.label_smoothing, "smooth_pairs": "negative"})
+    secrets("smooth_all", "label smoothing of every pair (a global α) helps",
+            lambda s: {"label_smoothing": s.label_smoothing, "smooth_pairs": "all"})
+    secrets("simcse", "a SimCSE term on the preference differences {f_c − f_r, f_r − f_c} helps",
+            lambda s: {"simcse_weight": s.simcse_weight, "simcse_temperature": s.simcse_temperature,
+                       "simcse_dropout": s.simcse_dropout, "simcse_representation": "difference"})
+    register(Method("strength", "Secrets of RLHF II", "the strength estimator's M-head ensemble "
+                    "(mean reward) is a better RM than one BT head", fit_strength_ensemble))
+
+
+_secrets_rows()
+
+
+# ---------------------------------------------------------------------- MetaRM
+def shifted_samples(ctx: TaskContext, fitted: Fitted, prompts: Sequence[PromptSet]) -> list[dict[str, Any]]:
+    """Each prompt's top-4 candidates under ``fitted``: what a best-of-n policy produces."""
+    rewards = ctx.rewards(fitted, prompts)
+    return [{"prompt": ps.prompt, "responses": [ps.candidates[i] for i in top_k(r)]}
+            for ps, r in zip(prompts, rewards, strict=True)]
+
+
+def metarm_rounds(ctx: TaskContext, seed: int, *, meta_lr: float, update: str) -> Fitted:
+    """R rounds from BT's head of this seed: shift = top-4 of the control part's candidates
+    under the previous round's RM; then ``metarm_steps`` MetaRMTrainer steps on the source
+    pairs with that meta set (a fresh optimiser per round, as ``/adapt``'s rounds)."""
+    s = ctx.settings
+    start = ctx.fitted("bt", seed)
+    head = frozen_copy(start.heads[0])
+    for p in head.parameters():
+        p.requires_grad_(True)
+    pairs = as_preference_pairs(ctx.train_pairs)
+    meta_prompts = ctx.data.heldout_part("control")
+    rounds = [Fitted([frozen_copy(head)])]
+    diagnostics = []
+    for r in range(1, s.metarm_rounds + 1):
+        samples = shifted_samples(ctx, rounds[-1], meta_prompts)
+        config = MetaRMConfig.from_dict({
+            "meta_lr": meta_lr, "update": update, "learning_rate": s.metarm_learning_rate,
+            "batch_size": s.head.batch_size, "meta_batch_size": s.metarm_meta_batch,
+            "responses_per_prompt": 4, "max_steps": s.metarm_steps, "seed": seed * 100 + r,
+            "standardize": True, "meta_max_grad_norm": 1.0, "max_grad_norm": s.head.max_grad_norm,
+        })
+        trainer = MetaRMTrainer(config, pairs=pairs, samples=samples)
+        groups = sample_groups(samples)
+        rm = FeatureRewardModel(head, ctx.features, ctx.table.rows)
+        head.eval()  # disable_dropout: the ascent and the BT loss see one function
+        params = [p for p in head.parameters() if p.requires_grad]
+        optimizer = trainer._optimizer(params)
+        last: dict[str, float] = {}
+        for step in range(s.metarm_steps):
+            meta_batch = trainer._meta_batch(groups, step) if meta_lr > 0 else []
+            last = trainer.meta_step(rm, params, optimizer, trainer._pair_batch(pairs, step), meta_batch)
+        fitted = Fitted([frozen_copy(head)])
+        rounds.append(fitted)
+        diagnostics.append({"round": r, **{k: float(v) for k, v in last.items()},
+                            "source_val_accuracy": ctx.pair_accuracy(fitted, ctx.data.pairs("val"))})
+    return Fitted(rounds[-1].heads, rounds=rounds, info={"rounds": diagnostics})
+
+
+def metarm(name: str, claim: str, *, meta_lr: float | None, update: str, baseline: str | None) -> Method:
+    def fit(ctx: TaskContext, seed: int) -> Fitted:
+        lr = ctx.settings.metarm_meta_lr if meta_lr is None else meta_lr
+        return metarm_rounds(ctx, seed, meta_lr=lr, update=update)
+
+    return register(Method(name, "MetaRM", claim, fit, baseline=baseline, rounds=True))
+
+
+metarm("vanilla_rounds", "rounds of BT on the same steps (MetaRM's baseline)", meta_lr=0.0,
+       update="first_order", baseline="bt")
+metarm("metarm", "MetaRM, the paper's rule (first order): after 3 rounds, better on the shifted "
+       "set than vanilla rounds", meta_lr=None, update="first_order", baseline="vanilla_rounds")
+metarm("metarm_second_order", "MetaRM, the paper's rule in full (through the ascent)", meta_lr=None,
+       update="second_order", baseline="vanilla_rounds")
+metarm("metarm_alternating", "alternating ascent on J and descent on L (not the paper's rule)",
+       meta_lr=None, update="alternating", baseline="vanilla_rounds")

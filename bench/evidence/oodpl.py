@@ -1,0 +1,149 @@
+"""OOD-PL meta-training on the fast track (Jia, arXiv 2402.14760; DESIGN §7).
+
+With D = 1 and θ reset to θ_0 every outer step, ``MetaTrainer``'s ``precomputed``
+hypergradient reduces the RM's meta-gradient to fixed per-sample coefficients: per source
+domain i, G_i = ∇_θ ℓ_PL,i(θ_0), and per sample j of that domain d_j = ⟨∇_θ log π_θ0(ỹ_j|x̃_j),
+G_i⟩, computed once with the policy (``MetaTrainer.precompute``, the trainer's own code, on
+SmolLM2 + LoRA). An outer step is then the surrogate Σ_j c_j·w_j(φ), c_j = α·d_j/n and
+w = softmax over a prompt's responses of r_φ/β (``training.oodpl.objective.group_softmax``),
+back-propagated into the head — what ``MetaTrainer._precomputed_meta_gradient`` does to the
+full RM — plus ``bt_weight`` × the Bradley–Terry loss of the step's pairs, as ``outer_step``
+adds it. The outer steps' tasks and batches come from ``MetaTrainer._pick_task`` /
+``draw_batches`` with the run's seed.
+
+Samples D_xy^i: the candidates of source-domain training prompts (up to
+``oodpl_prompts_per_domain`` per domain: the precompute costs one policy JVP per 16 samples);
+pairs D_PL^i: that domain's source training pairs. The coefficient table is cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.evidence.data import PromptSet
+from bench.evidence.head import new_head
+from bench.evidence.methods import Fitted, Method, TaskContext, as_preference_pairs, register
+from training.data import PromptSamples
+from training.losses import bradley_terry_loss
+from training.oodpl.config import MetaTrainConfig
+from training.oodpl.meta_train import MetaTask, MetaTrainer
+from training.oodpl.objective import group_softmax
+
+COEFFICIENTS = "_oodpl_coefficients"
+
+
+def meta_config(ctx: TaskContext, seed: int) -> MetaTrainConfig:
+    s = ctx.settings
+    return MetaTrainConfig.from_dict({
+        "policy": s.oodpl_policy, "hypergradient": "precomputed", "inner_steps": 1,
+        "inner_lr": s.oodpl_inner_lr, "beta": s.oodpl_beta, "responses_per_prompt": 4,
+        "inner_batch_prompts": 4, "outer_batch_pairs": s.head.batch_size,
+        "precompute_pairs": s.oodpl_precompute_pairs, "bt_weight": 1.0, "seed": seed,
+        "max_prompt_tokens": 64, "max_response_tokens": 64, "outer_lr": s.head.learning_rate,
+        "artifacts_dir": s.artifacts_dir, "reward_model": s.encoder,
+    })
+
+
+def meta_tasks(ctx: TaskContext) -> list[MetaTask]:
+    """One task per source domain: capped prompts with their candidates, and its pairs."""
+    per_domain = ctx.settings.oodpl_prompts_per_domain
+    rng = random.Random(0)
+    tasks = []
+    pairs = as_preference_pairs(ctx.train_pairs)
+    for domain in ctx.data.source_domains:
+        prompts: list[PromptSet] = [ps for ps in ctx.data.source_split("train") if ps.domain == domain]
+        prompts = rng.sample(prompts, min(per_domain, len(prompts)))
+        samples = [PromptSamples(ps.prompt, list(ps.candidates), domain=domain) for ps in prompts]
+        domain_pairs = [p for p in pairs if p.domain == domain]
+        if samples and domain_pairs:
+            tasks.append(MetaTask(domain, samples, domain_pairs))
+    return tasks
+
+
+def _cache_path(ctx: TaskContext, tasks: Sequence[MetaTask], config: MetaTrainConfig) -> Path | None:
+    if ctx.settings.cache_dir is None:
+        return None
+    key = json.dumps([config.policy, config.precompute_pairs, config.max_prompt_tokens,
+                      config.max_response_tokens, config.outer_margin,
+                      [(t.name, [(s.prompt, s.responses) for s in t.samples],
+                        [(p.prompt, p.chosen, p.rejected) for p in t.pairs]) for t in tasks]])
+    return Path(ctx.settings.cache_dir) / f"{ctx.task}-oodpl-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def coefficients(ctx: TaskContext) -> dict[str, Any]:
+    """d_j per (domain, prompt, response), from ``MetaTrainer.precompute`` (cached)."""
+    if (COEFFICIENTS, 0) in ctx.fits:
+        return ctx.fits[(COEFFICIENTS, 0)].info
+    tasks = meta_tasks(ctx)
+    config = meta_config(ctx, 0)
+    path = _cache_path(ctx, tasks, config)
+    if path is not None and path.is_file():
+        info = json.loads(path.read_text())
+    else:
+        started = time.monotonic()
+        trainer = MetaTrainer(config, tasks=tasks)
+        trainer.setup()
+        trainer.precompute()
+        table = {name: [[p, r, d] for (p, r), d in rows.items()] for name, rows in trainer._coefficients.items()}
+        info = {"table": table, "precompute_seconds": round(time.monotonic() - started, 1),
+                "samples": sum(len(rows) for rows in table.values()),
+                "policy": config.policy, "precompute_pairs": config.precompute_pairs}
+        del trainer
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(info))
+    ctx.fits[(COEFFICIENTS, 0)] = Fitted([], info=info)
+    return info
+
+
+def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float) -> Fitted:
+    s = ctx.settings
+    info = coefficients(ctx)
+    table = {name: {(p, r): d for p, r, d in rows} for name, rows in info["table"].items()}
+    tasks = [t for t in meta_tasks(ctx) if t.name in table]
+    config = meta_config(ctx, seed)
+    trainer = MetaTrainer(config, tasks=tasks)  # its task choice and batch draws, no models
+    trainer._tasks = tasks
+    head = new_head(ctx.features.shape[1], s.head, seed)
+    head.eval()  # as MetaTrainer keeps φ in eval mode: w(φ) is one function
+    params = list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.outer_lr, weight_decay=s.head.weight_decay)
+    steps = max(1, math.ceil(s.head.epochs * len(ctx.train_pairs) / s.head.batch_size))
+    for step in range(steps):
+        task = trainer._pick_task(step)
+        (batch,), pairs = trainer.draw_batches(task)
+        d = torch.tensor([table[task.name][(p, r)] for p, r in zip(batch.prompts, batch.responses, strict=True)])
+        coeff = config.inner_lr * d / batch.num_prompts
+        rewards = head(ctx.features[ctx.table.index(list(zip(batch.prompts, batch.responses, strict=True)))])
+        loss = (coeff * group_softmax(rewards, batch.groups, config.beta)).sum()
+        if bt_weight > 0:
+            rows = ctx.table.index([(p.prompt, p.chosen) for p in pairs.pairs] +
+                                   [(p.prompt, p.rejected) for p in pairs.pairs])
+            r = head(ctx.features[rows])
+            n = len(pairs.pairs)
+            loss = loss + bt_weight * bradley_terry_loss(r[:n] - r[n:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+    return Fitted([head], info={"outer_steps": steps, "bt_weight": bt_weight,
+                                "precompute_seconds": info.get("precompute_seconds"),
+                                "coefficient_samples": info.get("samples")})
+
+
+register(Method("oodpl_meta", "OOD-PL", "meta-training (precomputed hypergradient, + BT term) "
+                "generalises better than pooled BT", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=1.0),
+                default=False))
+register(Method("oodpl_meta_only", "OOD-PL", "the meta-gradient alone (no BT term) learns a "
+                "reward that transfers", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=0.0),
+                default=False))

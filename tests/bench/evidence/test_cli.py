@@ -1,0 +1,59 @@
+"""``python -m bench.evidence --quick`` end to end on synthetic data v2 and the tiny encoder:
+every registered row with intervals and a decision, the controls as targets, the figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.evidence.cli import main
+from bench.evidence.methods import METHODS
+from tests.bench.evidence.fixture import write_task
+
+
+def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, tiny_policy):
+    for task in ("csg", "ka"):
+        write_task(tmp_path / "data", task, seed={"csg": 0, "ka": 1}[task])
+    output = tmp_path / "out" / "evidence.json"
+    args = ["--quick", "--data-root", str(tmp_path / "data"), "--model", str(tiny_encoder_rm),
+            "--policy", str(tiny_policy), "--cache-dir", str(tmp_path / "cache"), "--output", str(output), "--threads", "1",
+            "--seeds", "2", "--reps", "100", "--oodpl"]
+    assert main(args) == 0
+    report = json.loads(output.read_text())
+    assert [t["task"] for t in report["tasks"]] == ["csg", "ka"]
+    for task in report["tasks"]:
+        rows = {r["method"]: r for r in task["rows"]}
+        assert set(rows) == {name for name, method in METHODS.items() if method.default} | {
+            "oodpl_meta", "oodpl_meta_only"}
+        assert rows["bt"]["absolute"]["M1"]["low"] <= rows["bt"]["absolute"]["M1"]["high"]
+        for name, row in rows.items():
+            if name == "bt":
+                continue
+            assert row["decision"]["verdict"] in ("shown", "shown worse", "refuted at this scale", "inconclusive")
+            assert set(row["contrast"]["M1"]) == {"pooled", "h0", "h1", "h2", "h3"}
+        assert "M3" in rows["metarm"]["contrast"] and "var_dr" in rows["metarm"]["contrast"]
+        assert task["features"]["items"] > 0 and task["settings"]["pooling"] in ("cls", "mean")
+        assert set(task["settings"]["pooling_heldout"]) == {"cls", "mean"}
+        assert list(task["not_run"]) == ["fine-tune track (bt, positive_control)"]
+        assert len(task["strength_deciles"]) == 10
+    ka = {r["method"]: r for r in report["tasks"][1]["rows"]}
+    assert {"M2:policy-policy", "M2:gloss-gloss", "M2:gloss-policy"} <= set(ka["bt"]["absolute"])
+    names = [t["name"] for t in report["targets"]]
+    assert sum("control" in n for n in names) == 8  # 2 controls × 2 metrics × 2 tasks
+    assert all({"name", "measured", "threshold", "met"} <= set(t) for t in report["targets"])
+    for suffix in ("_intervals.png", "_strength.png"):
+        assert (output.with_name("evidence" + suffix)).stat().st_size > 0
+    assert "positive_control" in output.with_suffix(".md").read_text()
+    # a second run reads the cached features; the fine-tune track trains with RMTrainer
+    assert main([*args, "--task", "ka", "--methods", "bt", "--finetune", "--no-figures"]) == 0
+    again = json.loads(output.read_text())
+    assert again["tasks"][0]["features"].get("cached") is True
+    rows = {r["method"]: r for r in again["tasks"][0]["rows"]}
+    assert rows["ft_bt"]["seeds"] == 3 and rows["ft_positive_control"]["baseline"] == "ft_bt"
+    assert "M1" in rows["ft_positive_control"]["contrast"] and not again["tasks"][0]["not_run"]  # --oodpl and --finetune both ran
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit):
+        main(["--methods", "bt,nope"])
