@@ -3,6 +3,7 @@
     python -m bench.evidence                 # both tasks, every registered method, 10 seeds
     python -m bench.evidence --quick         # a few minutes: subsampled prompts, 3 seeds
     python -m bench.evidence --task ka --seeds 20 --methods bt,flip
+    python -m bench.evidence --finetune --oodpl --jobs 2   # everything, one task per core
 
 Writes ``bench/results/evidence.json`` (rows, intervals, decisions, targets, costs, settings),
 ``evidence.md`` (the table) and the figures ``evidence_intervals.png`` and
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,7 +59,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-bf16", action="store_true", help="extract features in fp32")
     parser.add_argument("--cache-dir", type=Path, default=Path("artifacts/cache/evidence"))
     parser.add_argument("--reps", type=int, default=None, help="bootstrap replicates (default 2000; quick 300)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (shared out among --jobs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="tasks run in this many processes at once (each with threads/jobs torch threads)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
@@ -90,6 +95,13 @@ def options_from(args: argparse.Namespace) -> Options:
     return options
 
 
+def _run_task_in_process(task: str, options: Options, threads: int) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(threads)
+    return run_task(task, options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -98,12 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from(args)
     started = time.monotonic()
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    results = []
-    for task in tasks:
-        result = run_task(task, options)
+    jobs = max(1, min(args.jobs, len(tasks)))
+    if jobs == 1:
+        results = [run_task(task, options) for task in tasks]
+    else:
+        # one process per task: the heads and the fine-tune track are small matrices that one
+        # core each keeps busy, so two tasks side by side take about the wall time of the longer
+        threads = max(1, args.threads // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_run_task_in_process, tasks, [options] * len(tasks), [threads] * len(tasks)))
+    for result in results:
         ran = {row["method"] for row in result["rows"]}
         result["not_run"] = {name: why for name, why in NOT_RUN.items() if not ran & NOT_RUN_ROWS[name]}
-        results.append(result)
     report = {
         "command": "python -m bench.evidence " + " ".join(sys.argv[1:] if argv is None else argv),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -115,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "gap on M1 and on M2",
             "inconclusive": "otherwise",
         },
-        "settings": {"seeds": options.seeds, "bootstrap_reps": options.reps, "threads": args.threads,
+        "settings": {"seeds": options.seeds, "bootstrap_reps": options.reps, "threads": args.threads, "jobs": jobs,
                      "model": options.model, "policy": args.policy, "max_length": options.max_length,
                      "noise": options.noise, "track": "fast (heads on frozen encoder features)"},
         "tasks": results,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from bench.evidence.controls import FINETUNE_POSITIVE
 from bench.evidence.data import SourcePair
 from bench.evidence.methods import Fitted, Method, TaskContext, register
 from training.atomic import write_jsonl_atomic
@@ -68,6 +69,6 @@ def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str
 register(Method("ft_bt", "—", "pooled BT, fine-tuned with the repo's trainer (fine-tune track)",
                 lambda ctx, seed: finetune(ctx, ctx.train_pairs, seed, "bt"), baseline=None,
                 role="baseline", seeds=FINETUNE_SEEDS, default=False))
-register(Method("ft_positive_control", "—", "positive control on the fine-tune track",
+register(Method(FINETUNE_POSITIVE, "—", "positive control on the fine-tune track",
                 lambda ctx, seed: finetune(ctx, [*ctx.train_pairs, *ctx.control_pairs], seed, "positive_control"),
                 baseline="ft_bt", role="control", seeds=FINETUNE_SEEDS, default=False))

@@ -244,7 +244,8 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
     for row in rows:
         if row["contrast"]:
             row["decision"] = decide(row["contrast"]["M1"], row["contrast"]["M2"], control_gap).as_dict()
-    contrasts = {r["method"]: r["contrast"] for r in rows if r["method"] in (controls.POSITIVE, controls.NEGATIVE)}
+    contrasts = {r["method"]: r["contrast"] for r in rows
+                 if r["method"] in (controls.POSITIVE, controls.NEGATIVE, controls.FINETUNE_POSITIVE)}
     return {
         "task": task,
         "data": {"root": str(data.root), "manifest_seed": data.manifest.get("seed"),

@@ -19,7 +19,7 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     args = ["--quick", "--data-root", str(tmp_path / "data"), "--model", str(tiny_encoder_rm),
             "--policy", str(tiny_policy), "--cache-dir", str(tmp_path / "cache"), "--output", str(output), "--threads", "1",
             "--seeds", "2", "--reps", "100", "--oodpl"]
-    assert main(args) == 0
+    assert main([*args, "--jobs", "2"]) == 0  # one spawned process per task
     report = json.loads(output.read_text())
     assert [t["task"] for t in report["tasks"]] == ["csg", "ka"]
     for task in report["tasks"]:
@@ -52,6 +52,10 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     rows = {r["method"]: r for r in again["tasks"][0]["rows"]}
     assert rows["ft_bt"]["seeds"] == 3 and rows["ft_positive_control"]["baseline"] == "ft_bt"
     assert "M1" in rows["ft_positive_control"]["contrast"] and not again["tasks"][0]["not_run"]  # --oodpl and --finetune both ran
+    finetune_targets = [t for t in again["targets"] if "fine-tune track" in t["name"]]
+    assert len(finetune_targets) == 2 and all("control" in t["name"] for t in finetune_targets)
+    for target in finetune_targets:
+        assert target["met"] == (target["interval"]["low"] > 0)
 
 
 def test_unknown_method_is_refused():
