@@ -3,6 +3,8 @@
     python -m bench.evidence                 # both tasks, every registered method, 10 seeds
     python -m bench.evidence --quick         # a few minutes: subsampled prompts, 3 seeds
     python -m bench.evidence --task ka --seeds 20 --methods bt,flip
+    python -m bench.evidence --noise 0.4 --noise-kind instance   # flips where |Δgold| is small
+    python -m bench.evidence.noise           # the Secrets-II rows at clean / uniform / instance noise
 
 Writes ``bench/results/evidence.json`` (rows, intervals, decisions, targets, costs, settings),
 ``evidence.md`` (the table) and the figures ``evidence_intervals.png`` and

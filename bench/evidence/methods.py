@@ -308,9 +308,12 @@ def combo_selection(ctx: TaskContext) -> dict[str, Any]:
         options: dict[str, Any] = {}
         for name in qualifying:
             options.update(SECRETS_OPTIONS[name](ctx.settings))
+        notes = [] if qualifying else ["no component beats BT on source val: combo is BT"]
+        if {"flip", "smooth_negative"} <= set(qualifying):
+            # the trainer flips first (apply_strength), and a flipped pair's μ̂ changes sign
+            notes.append("with flip, smooth_negative smooths no pair: after flipping no μ̂ < 0 is left")
         info = {"components": qualifying, "options": options, "source_val_M2": scores, "why": why,
-                "picked_on": f"source val split, mean of seeds 0..{len(seeds) - 1}",
-                "note": "" if qualifying else "no component beats BT on source val: combo is BT"}
+                "picked_on": f"source val split, mean of seeds 0..{len(seeds) - 1}", "note": "; ".join(notes)}
         ctx.fits[key] = Fitted([], info=info)
     return ctx.fits[key].info
 
