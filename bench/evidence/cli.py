@@ -4,6 +4,8 @@
     python -m bench.evidence --quick         # a few minutes: subsampled prompts, 3 seeds
     python -m bench.evidence --task ka --seeds 20 --methods bt,flip
     python -m bench.evidence --finetune --oodpl --jobs 2   # everything, one task per core
+    python -m bench.evidence --noise 0.4 --noise-kind instance   # flips where |Δgold| is small
+    python -m bench.evidence.noise           # the Secrets-II rows at clean / uniform / instance noise
 
 Writes ``bench/results/evidence.json`` (rows, intervals, decisions, targets, costs, settings),
 ``evidence.md`` (the table) and the figures ``evidence_intervals.png`` and
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.evidence.data import TASKS
+from bench.evidence.data import NOISE_KINDS, TASKS
 from bench.evidence.methods import METHODS, RunSettings
 from bench.evidence.report import (
     markdown_table,
@@ -51,7 +53,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds")
     parser.add_argument("--oodpl", action="store_true",
                         help="also OOD-PL meta-training (SmolLM2 precompute: many minutes per task)")
-    parser.add_argument("--noise", type=float, default=0.0, help="uniform label noise planted in source pairs")
+    parser.add_argument("--noise", type=float, default=0.0, help="label noise planted in source training pairs")
+    parser.add_argument("--noise-kind", default="uniform", choices=NOISE_KINDS,
+                        help="uniform flips, or instance-dependent: flip with probability σ(−|Δgold|/τ)")
     parser.add_argument("--data-root", type=Path, default=None, help="data v2 root (default benchdata/v2)")
     parser.add_argument("--model", default="minilm", help="encoder of the fast track")
     parser.add_argument("--policy", default="smollm2-135m", help="policy of OOD-PL's precomputed coefficients")
@@ -82,6 +86,7 @@ def options_from(args: argparse.Namespace) -> Options:
     run = RunSettings(encoder=args.model, oodpl_policy=args.policy, cache_dir=str(args.cache_dir))
     options = Options(data_root=args.data_root, model=args.model, max_length=args.max_length,
                       bf16=not args.no_bf16, cache_dir=args.cache_dir, noise=args.noise,
+                      noise_kind=args.noise_kind,
                       methods=methods, quick=args.quick, run=run)
     if args.quick:
         options = replace(options, seeds=3, reps=300, prompts_per_domain=12, grid_learning_rates=(1e-3,),
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {"seeds": options.seeds, "bootstrap_reps": options.reps, "threads": args.threads, "jobs": jobs,
                      "model": options.model, "policy": args.policy, "max_length": options.max_length,
-                     "noise": options.noise, "track": "fast (heads on frozen encoder features)"},
+                     "noise": options.noise, "noise_kind": options.noise_kind, "track": "fast (heads on frozen encoder features)"},
         "tasks": results,
         "targets": [t for r in results for t in r["targets"]],
         "costs": {"total_wall_seconds": round(time.monotonic() - started, 1)},

@@ -19,6 +19,7 @@ Every error names the file and line. Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -240,11 +241,50 @@ def candidate_pairs(prompts: Sequence[PromptSet], min_gap: float) -> list[Source
     return pairs
 
 
-def plant_noise(pairs: Sequence[SourcePair], rate: float, seed: int) -> list[bool]:
-    """Which pairs get their labels flipped: a uniform random ``rate`` of them (issue 17 adds
-    instance-dependent noise here). The same pattern for every method and seed."""
-    if rate <= 0:
+NOISE_KINDS = ("uniform", "instance")
+
+
+def instance_flip_probabilities(pairs: Sequence[SourcePair], rate: float) -> tuple[list[float], float]:
+    """Per-pair flip probabilities of instance-dependent noise, and the temperature τ.
+
+    p_i = σ(−|Δgold_i| / τ), with τ chosen by bisection (on log τ) so that the expected flip
+    rate (1/N)·Σ_i p_i equals ``rate``. Small-gap pairs (hard even for an annotator) flip
+    more often than large-gap ones. Since |Δgold| ≥ 0, every p_i ≤ 1/2 and the mean tends to
+    1/2 as τ → ∞, so ``rate`` must be below 0.5.
+    """
+    if not 0.0 < rate < 0.5:
+        raise ValueError(f"instance-dependent noise needs 0 < rate < 0.5, got {rate}")
+    gaps = [abs(p.gold_chosen - p.gold_rejected) for p in pairs]
+
+    def probabilities(tau: float) -> list[float]:
+        return [1.0 / (1.0 + math.exp(min(g / tau, 700.0))) for g in gaps]
+
+    low, high = math.log(1e-6), math.log(1e6)  # expected rate ≈ 0 at τ = e^low, ≈ 1/2 at e^high
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if sum(probabilities(math.exp(middle))) / len(gaps) < rate:
+            low = middle
+        else:
+            high = middle
+    tau = math.exp(0.5 * (low + high))
+    return probabilities(tau), tau
+
+
+def plant_noise(pairs: Sequence[SourcePair], rate: float, seed: int, kind: str = "uniform") -> list[bool]:
+    """Which pairs get their labels flipped; the same pattern for every method and seed.
+
+    - ``uniform``: exactly round(rate·N) pairs, drawn uniformly without replacement;
+    - ``instance``: pair i flips with probability p_i = σ(−|Δgold_i|/τ), independently, with
+      τ set so that the expected flip rate is ``rate`` (``instance_flip_probabilities``): the
+      realized rate varies around it by about √(rate·(1−rate)/N).
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}")
+    if rate <= 0 or not pairs:
         return [False] * len(pairs)
     rng = random.Random(seed)
+    if kind == "instance":
+        probabilities, _ = instance_flip_probabilities(pairs, rate)
+        return [rng.random() < p for p in probabilities]
     flipped = set(rng.sample(range(len(pairs)), int(round(rate * len(pairs)))))
     return [i in flipped for i in range(len(pairs))]

@@ -38,7 +38,7 @@ from bench.evidence.head import (
     score,
     train_head,
 )
-from bench.evidence.metrics import top_k
+from bench.evidence.metrics import pairwise_counts, top_k
 from training.bt.config import RMTrainConfig
 from training.bt.strength_file import strength_rows
 from training.bt.trainer import apply_strength, pair_smoothing, set_dropout
@@ -61,6 +61,7 @@ class RunSettings:
     simcse_weight: float = 0.1
     simcse_temperature: float = 0.05
     simcse_dropout: float = 0.05
+    combo_selection_seeds: int = 3  # seeds whose source-val M2 decides the combo's components
     metarm_rounds: int = 3
     metarm_steps: int = 40
     metarm_meta_lr: float = 0.1
@@ -125,6 +126,15 @@ class TaskContext:
         rows = self.pair_rows(pairs)
         d = self.score(fitted, rows.chosen) - self.score(fitted, rows.rejected)
         return float(np.mean(d > 0)) if len(d) else math.nan
+
+    def source_val_accuracy(self, fitted: Fitted) -> float:
+        """M2 on the source validation prompts' candidates: what settings, the combo's
+        components and the sweep's "best" rows are picked on (never the held-out parts)."""
+        prompts = self.data.source_split("val")
+        rewards = self.rewards(fitted, prompts)
+        counts = [pairwise_counts(r, np.asarray(ps.gold)) for ps, r in zip(prompts, rewards, strict=True)]
+        total = sum(c for _, c in counts)
+        return sum(c for c, _ in counts) / total if total else math.nan
 
     def fitted(self, method: str, seed: int) -> Fitted:
         """Another method's RM of this seed (fitted once, then cached)."""
@@ -236,11 +246,15 @@ def fit_strength_ensemble(ctx: TaskContext, seed: int) -> Fitted:
     return Fitted(list(members))
 
 
+SECRETS_OPTIONS: dict[str, Callable[[RunSettings], dict[str, Any]]] = {}
+
+
 def secrets(name: str, claim: str, options: Callable[[RunSettings], dict[str, Any]]) -> Method:
     """A Secrets-II row: the train-rm options ``options(settings)`` on a head."""
     def fit(ctx: TaskContext, seed: int) -> Fitted:
         return fit_with_strength(ctx, seed, **options(ctx.settings))
 
+    SECRETS_OPTIONS[name] = options
     return register(Method(name, "Secrets of RLHF II", claim, fit))
 
 
@@ -261,6 +275,60 @@ def _secrets_rows() -> None:
 
 
 _secrets_rows()
+
+# ---------------------------------------------------------------------- the best combination
+COMBO_COMPONENTS = ("flip", "margin", "smooth_negative", "smooth_all", "simcse")
+SMOOTHING_FORMS = ("smooth_negative", "smooth_all")  # one α per pair: at most one form
+
+
+def combo_selection(ctx: TaskContext) -> dict[str, Any]:
+    """Which Secrets-II components the ``combo`` row combines, picked on the source
+    validation split only (cached per context).
+
+    score(row) = mean over seeds s < ``combo_selection_seeds`` of the source-val M2 of the
+    row's seed-s RM (``source_val_accuracy``; those fits are the rows' own, cached, so the
+    selection costs no extra training). A component qualifies when score > score(bt); if both
+    smoothing forms qualify, the higher-scoring one is kept (ties: ``smooth_negative``, the
+    paper's form). The qualifying components' train-rm options are merged into one config;
+    with none, combo is BT.
+    """
+    key = ("_combo", -1)
+    if key not in ctx.fits:
+        seeds = range(ctx.settings.combo_selection_seeds)
+        scores = {name: float(np.mean([ctx.source_val_accuracy(ctx.fitted(name, seed)) for seed in seeds]))
+                  for name in ("bt", *COMBO_COMPONENTS)}
+        qualifying = [n for n in COMBO_COMPONENTS if scores[n] > scores["bt"]]
+        why = {n: f"source-val M2 {scores[n]:.4f} {'>' if n in qualifying else '≤'} BT's {scores['bt']:.4f}"
+               for n in COMBO_COMPONENTS}
+        smoothing = [n for n in qualifying if n in SMOOTHING_FORMS]
+        if len(smoothing) == 2:
+            drop = "smooth_all" if scores["smooth_negative"] >= scores["smooth_all"] else "smooth_negative"
+            qualifying.remove(drop)
+            why[drop] += "; both smoothing forms qualify, the other scores higher"
+        options: dict[str, Any] = {}
+        for name in qualifying:
+            options.update(SECRETS_OPTIONS[name](ctx.settings))
+        notes = [] if qualifying else ["no component beats BT on source val: combo is BT"]
+        if {"flip", "smooth_negative"} <= set(qualifying):
+            # the trainer flips first (apply_strength), and a flipped pair's μ̂ changes sign
+            notes.append("with flip, smooth_negative smooths no pair: after flipping no μ̂ < 0 is left")
+        info = {"components": qualifying, "options": options, "source_val_M2": scores, "why": why,
+                "picked_on": f"source val split, mean of seeds 0..{len(seeds) - 1}", "note": "; ".join(notes)}
+        ctx.fits[key] = Fitted([], info=info)
+    return ctx.fits[key].info
+
+
+def fit_combo(ctx: TaskContext, seed: int) -> Fitted:
+    selection = combo_selection(ctx)
+    info = {"components": selection["components"]}
+    if not selection["components"]:
+        return Fitted(ctx.fitted("bt", seed).heads, info=info)
+    fitted = fit_with_strength(ctx, seed, **selection["options"])
+    return Fitted(fitted.heads, info={**fitted.info, **info})
+
+
+register(Method("combo", "Secrets of RLHF II", "the best combination of flip, margin, smoothing and "
+                "SimCSE (components picked on source val) helps", fit_combo))
 
 
 # ---------------------------------------------------------------------- MetaRM

@@ -61,6 +61,7 @@ class Options:
     reps: int = 2000
     methods: Sequence[str] | None = None
     noise: float = 0.0
+    noise_kind: str = "uniform"  # or "instance" (bench.evidence.data.plant_noise)
     quick: bool = False
     prompts_per_domain: int | None = None  # --quick subsamples
     grid_learning_rates: Sequence[float] = (3e-4, 1e-3, 3e-3)
@@ -120,11 +121,7 @@ def evaluate(ctx: TaskContext, fitted: Fitted, prompts: Sequence[PromptSet]) -> 
 # ---------------------------------------------------------------------- settings
 def val_accuracy(ctx: TaskContext, fitted: Fitted) -> float:
     """M2 on the source validation prompts' candidates (what settings are picked on)."""
-    prompts = ctx.data.source_split("val")
-    rewards = ctx.rewards(fitted, prompts)
-    counts = [pairwise_counts(r, np.asarray(ps.gold)) for ps, r in zip(prompts, rewards, strict=True)]
-    total = sum(c for _, c in counts)
-    return sum(c for c, _ in counts) / total if total else math.nan
+    return ctx.source_val_accuracy(fitted)
 
 
 def pick_settings(contexts: dict[str, TaskContext], options: Options) -> dict[str, Any]:
@@ -150,7 +147,7 @@ def pick_settings(contexts: dict[str, TaskContext], options: Options) -> dict[st
 # ---------------------------------------------------------------------- one task
 def build_contexts(data: TaskData, table: FeatureTable, options: Options) -> dict[str, TaskContext]:
     train = data.pairs("train")
-    flipped = plant_noise(train, options.noise, seed=int(data.manifest.get("seed", 0)) + 7)
+    flipped = plant_noise(train, options.noise, seed=int(data.manifest.get("seed", 0)) + 7, kind=options.noise_kind)
     labelled = [replace(p, chosen=p.rejected, rejected=p.chosen) if f else p
                 for p, f in zip(train, flipped, strict=True)]
     reference = table.index(sorted({(p.prompt, c) for p in train for c in (p.chosen, p.rejected)}))
@@ -253,7 +250,8 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
                  "eval_prompts_by_domain": {d: int((domains == d).sum()) for d in data.heldout_domains},
                  "control_prompts": len(data.heldout_part("control")), "control_pairs": len(ctx.control_pairs),
                  "source_train_pairs": len(ctx.train_pairs), "source_val_prompts": len(data.source_split("val")),
-                 "planted_noise": options.noise, "pair_gap": data.pair_gap},
+                 "planted_noise": options.noise, "noise_kind": options.noise_kind,
+                 "planted_flips": int(sum(ctx.flipped)), "pair_gap": data.pair_gap},
         "features": table.settings,
         "settings": {"pooling": best["pooling"], "head": asdict(head), "selection": picked,
                      "pooling_heldout": pooling_heldout, "run": asdict(ctx.settings)},

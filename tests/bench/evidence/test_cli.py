@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.evidence.cli import main
+from bench.evidence.cli import main, options_from, parse
 from bench.evidence.methods import METHODS
 from tests.bench.evidence.fixture import write_task
 
@@ -61,3 +61,11 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
 def test_unknown_method_is_refused():
     with pytest.raises(SystemExit):
         main(["--methods", "bt,nope"])
+
+
+def test_noise_kind_reaches_the_run_options():
+    options = options_from(parse(["--noise", "0.2", "--noise-kind", "instance"]))
+    assert (options.noise, options.noise_kind) == (0.2, "instance")
+    assert options_from(parse([])).noise_kind == "uniform"
+    with pytest.raises(SystemExit):
+        parse(["--noise-kind", "gaussian"])

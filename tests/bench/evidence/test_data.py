@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 
+import numpy as np
 import pytest
 
-from bench.evidence.data import EvidenceDataError, candidate_pairs, load_task, plant_noise
+from bench.evidence.data import (
+    EvidenceDataError,
+    SourcePair,
+    candidate_pairs,
+    instance_flip_probabilities,
+    load_task,
+    plant_noise,
+)
 from tests.bench.evidence.fixture import write_task
 
 
@@ -49,3 +59,42 @@ def test_candidate_pairs_and_noise(tmp_path):
     flips = plant_noise(data.source_pairs, 0.25, seed=3)
     assert sum(flips) == round(0.25 * len(flips)) and flips == plant_noise(data.source_pairs, 0.25, seed=3)
     assert not any(plant_noise(data.source_pairs, 0.0, seed=3))
+
+
+def pairs_with_gaps(n: int, seed: int = 0) -> list[SourcePair]:
+    """``n`` pairs whose |Δgold| is spread over [0.3, 2] (as CSG's VADER pairs)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        low = rng.uniform(-1.0, 0.0)
+        out.append(SourcePair(str(i), "d", "train", f"p{i}", "c", "r", low + rng.uniform(0.3, 2.0), low))
+    return out
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.4])
+def test_instance_noise_hits_the_rate_and_flips_small_gaps_more(rate):
+    pairs = pairs_with_gaps(4000)
+    probabilities, tau = instance_flip_probabilities(pairs, rate)
+    assert np.mean(probabilities) == pytest.approx(rate, abs=1e-9)  # the expected rate, by bisection
+    gap = pairs[0].gold_chosen - pairs[0].gold_rejected
+    assert probabilities[0] == pytest.approx(1 / (1 + math.exp(gap / tau)))  # σ(−|Δgold|/τ)
+    flips = np.array(plant_noise(pairs, rate, seed=5, kind="instance"))
+    assert abs(flips.mean() - rate) < 3 * math.sqrt(rate * (1 - rate) / len(pairs))
+    gaps = np.array([p.gold_chosen - p.gold_rejected for p in pairs])
+    small, large = gaps < np.quantile(gaps, 0.25), gaps > np.quantile(gaps, 0.75)
+    assert flips[small].mean() > flips[large].mean() + 0.05
+    assert flips.tolist() == plant_noise(pairs, rate, seed=5, kind="instance")  # seeded
+    assert flips.tolist() != plant_noise(pairs, rate, seed=6, kind="instance")
+    # uniform noise ignores the gap: its flips' mean gap is the pairs' mean gap (± sampling)
+    uniform = np.array(plant_noise(pairs, rate, seed=5))
+    assert uniform.sum() == round(rate * len(pairs))
+    assert abs(gaps[uniform].mean() - gaps.mean()) < abs(gaps[flips].mean() - gaps.mean())
+
+
+def test_instance_noise_refuses_rates_it_cannot_reach():
+    pairs = pairs_with_gaps(10)
+    with pytest.raises(ValueError, match="rate < 0.5"):
+        plant_noise(pairs, 0.5, seed=0, kind="instance")
+    with pytest.raises(ValueError, match="noise kind"):
+        plant_noise(pairs, 0.2, seed=0, kind="gaussian")
+    assert not any(plant_noise(pairs, 0.0, seed=0, kind="instance"))
