@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from training.models import resolve_pretrained
+from training.pooled_encoder import MeanPooledRewardModel
 from training.precision import autocast, canonical_rows_and_length, mixed_precision
 from training.reward_model import Encoded, RewardModel
 
@@ -68,7 +69,9 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def _encode(rm: RewardModel, encoded: Sequence[Encoded], dtype: torch.dtype | None,
             batch_size: int) -> dict[str, torch.Tensor]:
-    encoder = rm.model.base_model  # the backbone under the classification head
+    # the backbone under the head: a mean-pooled RM (``training.pooled_encoder``, what the
+    # minilm short name loads now) keeps it as ``encoder``; a Hugging Face classifier as base_model
+    encoder = rm.model.encoder if isinstance(rm.model, MeanPooledRewardModel) else rm.model.base_model
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = {name: torch.zeros(len(encoded), rm.model.config.hidden_size) for name in POOLINGS}
     for start in range(0, len(order), batch_size):

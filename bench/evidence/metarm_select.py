@@ -9,13 +9,15 @@ inside the source split:
   *pseudo-held-out*; the rest are the *pseudo-source*;
 - the RM starts from BT trained on the pseudo-source training pairs only (with any planted
   noise, as the real rows see it), and every round trains on those pairs;
-- the meta set (unlabelled) is the pseudo-held-out domains' **training** prompts' candidates,
-  re-ranked every round by the previous round's RM (top-4: the shifted set), exactly as the
-  real rows use the held-out control part;
-- the score is M3 on the pseudo-held-out domains' **validation** prompts (prompts not in the
-  meta set, as M3 is measured on the eval part, not the control part): after R rounds, the
-  pairwise accuracy against gold of round R's RM on each prompt's top-4 under round R−1's RM,
-  pooled over prompts and ``metarm_select_seeds`` seeds;
+- the pseudo-held-out domains' prompts (train and val splits: none of their pairs is trained
+  on) are split per domain, seeded, into a *meta* third and an *eval* two thirds, as the real
+  held-out domains are split into control (~1/3) and eval parts (on data v2's CSG the val
+  split alone is 3 prompts per domain, too few to rank η);
+- the meta set (unlabelled) is the meta third's candidates, re-ranked every round by the
+  previous round's RM (top-4: the shifted set), exactly as the real rows use the control part;
+- the score is M3 on the eval two thirds (prompts not in the meta set, as M3 is measured on
+  the eval part): after R rounds, the pairwise accuracy against gold of round R's RM on each
+  prompt's top-4 under round R−1's RM, pooled over prompts and ``metarm_select_seeds`` seeds;
 - *at equal source accuracy*: only the η whose pseudo-source validation pair accuracy after R
   rounds is within ``SOURCE_TOLERANCE`` of η = 0's (vanilla rounds) are eligible, so the pick
   cannot trade source accuracy for shifted accuracy. Among them the highest shifted accuracy
@@ -43,6 +45,7 @@ from bench.evidence.methods import METARM_UPDATES, Fitted, TaskContext, metarm_r
 from bench.evidence.metrics import pairwise_counts, standardized_difference_variance, top_k
 
 PSEUDO_HELDOUT_SHARE = 0.25
+META_SHARE = 1 / 3  # of a pseudo-held-out domain's prompts (data v2: control 1/3, eval 2/3)
 SOURCE_TOLERANCE = 0.01  # pair accuracy: "equal source accuracy" within one point
 SELECT_SEED = 70_000  # the selection's seeds, apart from every row's evaluation seeds
 
@@ -53,6 +56,21 @@ def pseudo_heldout_domains(source_domains: Sequence[str], task: str) -> list[str
     random.Random(zlib.crc32(f"metarm-pseudo-heldout|{task}".encode())).shuffle(domains)
     count = max(1, round(PSEUDO_HELDOUT_SHARE * len(domains)))
     return sorted(domains[:count])
+
+
+def pseudo_parts(source: Sequence[PromptSet], pseudo: Sequence[str], task: str
+                 ) -> tuple[list[PromptSet], list[PromptSet]]:
+    """The pseudo-held-out domains' source prompts split per domain, seeded: the first
+    ``META_SHARE`` as the meta set, the rest as the eval set."""
+    rng = random.Random(zlib.crc32(f"metarm-pseudo-parts|{task}".encode()))
+    meta, evaluation = [], []
+    for domain in sorted(pseudo):
+        prompts = sorted((ps for ps in source if ps.domain == domain), key=lambda ps: ps.id)
+        rng.shuffle(prompts)
+        cut = round(META_SHARE * len(prompts))
+        meta += prompts[:cut]
+        evaluation += prompts[cut:]
+    return meta, evaluation
 
 
 def choose_meta_lr(scores: Sequence[dict[str, float]], tolerance: float = SOURCE_TOLERANCE) -> float:
@@ -87,14 +105,13 @@ def _score(ctx: TaskContext, runs: Sequence[Fitted], eval_prompts: Sequence[Prom
 def select_meta_lr(ctx: TaskContext, updates: Sequence[str]) -> dict[str, Any]:
     """η per update form by the source-only simulation of the shift (module docstring).
     Reads ``ctx.data.source``/``source_pairs`` and the training pairs only, never the
-    held-out domains."""
+    held-out domains (their features are standardized by source-training items alone)."""
     started = time.monotonic()
     s = ctx.settings
     pseudo = pseudo_heldout_domains(ctx.data.source_domains, ctx.task)
     train_pairs = [p for p in ctx.train_pairs if p.domain not in pseudo]
     val_pairs = [p for p in ctx.data.pairs("val") if p.domain not in pseudo]
-    meta_prompts = [ps for ps in ctx.data.source_split("train") if ps.domain in pseudo]
-    eval_prompts = [ps for ps in ctx.data.source_split("val") if ps.domain in pseudo]
+    meta_prompts, eval_prompts = pseudo_parts(ctx.data.source, pseudo, ctx.task)
     seeds = [SELECT_SEED + k for k in range(s.metarm_select_seeds)]
     rows = ctx.pair_rows(train_pairs)
     starts = {seed: Fitted([train_head(ctx.features, rows, s.head, seed)]) for seed in seeds}
@@ -124,6 +141,8 @@ def select_meta_lr(ctx: TaskContext, updates: Sequence[str]) -> dict[str, Any]:
         "train_pairs": len(train_pairs), "val_pairs": len(val_pairs),
         "grid": [0.0, *(lr for lr in s.metarm_meta_lr_grid if lr != 0.0)], "seeds": seeds,
         "tolerance": SOURCE_TOLERANCE, "scores": scores, "chosen": chosen,
+        # a pick at the grid's largest η says the grid may stop too early (not widened silently)
+        "at_grid_edge": {u: lr == max(s.metarm_meta_lr_grid) > 0 for u, lr in chosen.items()},
         "seconds": round(time.monotonic() - started, 1),
     }
 

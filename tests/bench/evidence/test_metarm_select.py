@@ -16,6 +16,7 @@ from bench.evidence.metarm_select import (
     SOURCE_TOLERANCE,
     choose_meta_lr,
     pseudo_heldout_domains,
+    pseudo_parts,
     select_meta_lr,
 )
 from bench.evidence.methods import METHODS, RunSettings
@@ -47,8 +48,13 @@ def test_choice_ignores_heldout_domains_and_follows_source_gold(tmp_path):
     table = noisy_gold_features(data)
     clean = select_meta_lr(contexts(data, table), ["first_order", "alternating"])
     assert clean["pseudo_heldout_domains"] == pseudo_heldout_domains(data.source_domains, "csg")
-    assert len(clean["pseudo_heldout_domains"]) == 2 and clean["eval_prompts"] == 10
+    assert len(clean["pseudo_heldout_domains"]) == 2  # a quarter of 8
+    assert (clean["meta_prompts"], clean["eval_prompts"]) == (10, 20)  # of 2 × 15 prompts, 1/3 : 2/3
     assert {s["meta_lr"] for s in clean["scores"]["first_order"]} == {0.0, 1.0, 10.0}
+    meta, evaluation = pseudo_parts(data.source, clean["pseudo_heldout_domains"], "csg")
+    assert not {ps.id for ps in meta} & {ps.id for ps in evaluation}  # M3 on prompts not in the meta set
+    assert {ps.domain for ps in [*meta, *evaluation]} == set(clean["pseudo_heldout_domains"])
+    assert not {p.domain for p in data.pairs("train")} - set(data.source_domains)
 
     # held-out domains poisoned: random gold, and their items' features replaced by noise
     rng = random.Random(0)
@@ -60,9 +66,9 @@ def test_choice_ignores_heldout_domains_and_follows_source_gold(tmp_path):
                            ["first_order", "alternating"])
     assert again["scores"] == clean["scores"] and again["chosen"] == clean["chosen"]
 
-    # the pseudo-held-out source domains' val gold poisoned: the scores must move
+    # the pseudo-held-out source domains' gold poisoned: the scores must move
     pseudo = set(clean["pseudo_heldout_domains"])
-    source = [poison(ps, rng) if ps.domain in pseudo and ps.group == "val" else ps for ps in data.source]
+    source = [poison(ps, rng) if ps.domain in pseudo else ps for ps in data.source]
     moved = select_meta_lr(contexts(replace(data, source=source), table), ["first_order", "alternating"])
     assert moved["scores"] != clean["scores"]
 
