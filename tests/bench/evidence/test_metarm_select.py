@@ -15,12 +15,14 @@ from bench.evidence.features import FeatureTable
 from bench.evidence.metarm_select import (
     SOURCE_TOLERANCE,
     choose_meta_lr,
+    metarm_targets,
     pseudo_heldout_domains,
     pseudo_parts,
     select_meta_lr,
 )
 from bench.evidence.methods import METHODS, RunSettings
 from bench.evidence.run import Options, build_contexts
+from bench.evidence.stats import Interval
 from tests.bench.evidence.fixture import gold_features, write_task
 
 SETTINGS = RunSettings(metarm_steps=4, metarm_meta_lr_grid=(0.0, 1.0, 10.0), metarm_select_seeds=1)
@@ -93,3 +95,18 @@ def test_rows_use_the_selected_eta(tmp_path):
     assert METHODS["metarm_second_order"].fit(ctx, 0).info["meta_lr"] == 0.3
     assert METHODS["metarm_alternating"].fit(ctx, 0).info["meta_lr"] == ctx.settings.metarm_meta_lr
     assert METHODS["vanilla_rounds"].fit(ctx, 0).info["meta_lr"] == 0.0
+
+
+def test_targets_read_the_contrasts_and_say_when_the_row_is_vanilla():
+    def row(name, m3, m1_low, meta_lr, baseline="vanilla_rounds"):
+        return {"method": name, "baseline": baseline, "scalars": {"source_val_accuracy": 0.7},
+                "absolute": {"var_dr": Interval(1.0, 0.9, 1.1)}, "info": [{"meta_lr": meta_lr}],
+                "contrast": {"M3": {"pooled": Interval(m3, m3 - 0.02, m3 + 0.02)},
+                             "M1": {"pooled": Interval(m1_low + 0.01, m1_low, m1_low + 0.02)}}}
+
+    rows = [row("vanilla_rounds", 0.0, 0.0, 0.0, baseline="bt"), row("metarm", 0.06, 0.001, 3.0),
+            row("metarm_second_order", 0.0, 0.0, 0.0)]
+    first_m3, first_m1, second_m3, second_m1 = metarm_targets("csg", rows)
+    assert first_m3["met"] and first_m1["met"] and "note" not in first_m3
+    assert first_m3["conditions"]["baseline_source_val_accuracy"] == 0.7
+    assert not second_m3["met"] and not second_m1["met"] and "is 0" in second_m3["note"]
