@@ -202,6 +202,23 @@ def contrast(results: dict[str, list[dict[str, Any]]], a: str, b: str | None, me
     return bootstrap(side_a, side_b, domains, reps=reps, seed=zlib.crc32(f"{a}|{b}|{metric}".encode()))
 
 
+def difference_of_gains(results: dict[str, list[dict[str, Any]]], high: tuple[str, str], low: tuple[str, str],
+                        metric: str, domains: np.ndarray, reps: int) -> Interval | None:
+    """Pooled interval of (A − B) − (C − D) for ``high`` = (A, B), ``low`` = (C, D), paired by
+    seed and prompt (one bootstrap draw for all four). Only for metrics with one unit of
+    denominator per prompt (M1): then each ratio is a mean and the combination is linear."""
+    names = [*high, *low]
+    if any(not results.get(n) or metric not in results[n][0]["values"] for n in names):
+        return None
+    num = {n: np.stack([r["values"][metric][0] for r in results[n]]) for n in names}
+    den = np.stack([r["values"][metric][1] for r in results[names[0]]])
+    if not np.all(den == 1.0):
+        return None
+    combined = num[high[0]] - num[high[1]] - num[low[0]] + num[low[1]]
+    return bootstrap(Cells(combined, den), None, domains, reps=reps,
+                     seed=zlib.crc32(f"{high}|{low}|{metric}".encode()))["pooled"]
+
+
 def run_task(task: str, options: Options) -> dict[str, Any]:
     started = time.monotonic()
     data = load_task(task, options.data_root)
@@ -277,7 +294,10 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
         "rows": rows,
         "control_gap": {"M1": control_gap[0], "M2": control_gap[1]},
         "targets": [*controls.control_targets(task, contrasts), *metarm_targets(task, rows),
-                    *oodpl.oodpl_targets(task, rows)],
+                    *oodpl.oodpl_targets(task, rows, growth_interval=difference_of_gains(
+                        results, ("oodpl_meta", "bt"), (f"oodpl_meta@{min(oodpl.DOMAIN_COUNTS)}",
+                                                        f"bt@{min(oodpl.DOMAIN_COUNTS)}"), "M1", domains,
+                        options.reps))],
         "strength_deciles": strength_deciles(ctx) if "strength" in names or "flip" in names else [],
         "costs": {"features_seconds": round(features_seconds, 1), "seconds_per_fit": seconds,
                   "wall_seconds": round(time.monotonic() - started, 1)},

@@ -102,3 +102,24 @@ def test_targets_from_rows():
     assert abs(grow["measured"] - 0.02) < 1e-9 and grow["met"] and "4 to 12" in grow["name"]
     rows[1] = row("oodpl_meta", 0.03, low=-0.001, domains=list("abcdefghijkl"))
     assert not oodpl_targets("csg", rows)[0]["met"]  # the ratio alone is not enough: CI must be > 0
+
+
+def test_growth_interval_is_the_paired_difference_of_gains():
+    import numpy as np
+
+    from bench.evidence.run import difference_of_gains
+
+    rng = np.random.default_rng(0)
+    domains = np.array(["h0"] * 6 + ["h1"] * 6)
+
+    def runs(shift):
+        return [{"values": {"M1": (rng.normal(shift, 0.01, 12), np.ones(12)),
+                            "M2": (np.ones(12), np.full(12, 2.0))}} for _ in range(3)]
+
+    results = {"oodpl_meta": runs(0.30), "bt": runs(0.20), "oodpl_meta@4": runs(0.25), "bt@4": runs(0.20)}
+    iv = difference_of_gains(results, ("oodpl_meta", "bt"), ("oodpl_meta@4", "bt@4"), "M1", domains, 200)
+    means = {k: np.mean([r["values"]["M1"][0] for r in v]) for k, v in results.items()}
+    expected = means["oodpl_meta"] - means["bt"] - means["oodpl_meta@4"] + means["bt@4"]
+    assert abs(iv.estimate - expected) < 1e-12 and iv.low < expected < iv.high and iv.low > 0
+    assert difference_of_gains(results, ("oodpl_meta", "bt"), ("oodpl_meta@4", "bt@4"), "M2", domains, 50) is None
+    assert difference_of_gains(results, ("oodpl_meta", "bt"), ("oodpl_meta@8", "bt@8"), "M1", domains, 50) is None
