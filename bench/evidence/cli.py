@@ -30,6 +30,7 @@ import torch
 
 from bench.evidence.data import NOISE_KINDS, TASKS
 from bench.evidence.methods import METHODS, RunSettings
+from bench.evidence.oodpl import OODPL_ROWS
 from bench.evidence.report import (
     markdown_table,
     plot_intervals,
@@ -52,7 +53,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--finetune", action="store_true",
                         help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds")
     parser.add_argument("--oodpl", action="store_true",
-                        help="also OOD-PL meta-training (SmolLM2 precompute: many minutes per task)")
+                        help="also OOD-PL meta-training, on all and on 4 / 8 source domains against BT on the "
+                             "same domains (SmolLM2 precompute: many minutes per task)")
     parser.add_argument("--noise", type=float, default=0.0, help="label noise planted in source training pairs")
     parser.add_argument("--noise-kind", default="uniform", choices=NOISE_KINDS,
                         help="uniform flips, or instance-dependent: flip with probability σ(−|Δgold|/τ)")
@@ -78,7 +80,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def options_from(args: argparse.Namespace) -> Options:
     methods = args.methods.split(",") if args.methods else None
-    extra = [*(("oodpl_meta", "oodpl_meta_only") if args.oodpl else ()),
+    extra = [*(OODPL_ROWS if args.oodpl else ()),
              *(("ft_bt", "ft_positive_control") if args.finetune else ())]
     if extra:
         defaults = methods or [name for name, method in METHODS.items() if method.default]

@@ -69,8 +69,8 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def _encode(rm: RewardModel, encoded: Sequence[Encoded], dtype: torch.dtype | None,
             batch_size: int) -> dict[str, torch.Tensor]:
-    # the backbone under the reward head: a mean-pooled RM built from a bare encoder (MiniLM,
-    # since mean pooling landed) keeps it as ``.encoder``; a classifier as ``.base_model``
+    # the backbone under the head: a mean-pooled RM (``training.pooled_encoder``, what the
+    # minilm short name loads now) keeps it as ``encoder``; a Hugging Face classifier as base_model
     encoder = rm.model.encoder if isinstance(rm.model, MeanPooledRewardModel) else rm.model.base_model
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = {name: torch.zeros(len(encoded), rm.model.config.hidden_size) for name in POOLINGS}

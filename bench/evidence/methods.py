@@ -65,6 +65,10 @@ class RunSettings:
     metarm_rounds: int = 3
     metarm_steps: int = 40
     metarm_meta_lr: float = 0.1
+    # η per update form, picked on the source side (bench.evidence.metarm_select); empty: metarm_meta_lr
+    metarm_meta_lr_by_update: dict[str, float] = field(default_factory=dict)
+    metarm_meta_lr_grid: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+    metarm_select_seeds: int = 3
     metarm_meta_batch: int = 8
     metarm_learning_rate: float = 3e-4
     oodpl_policy: str = "smollm2-135m"
@@ -339,17 +343,25 @@ def shifted_samples(ctx: TaskContext, fitted: Fitted, prompts: Sequence[PromptSe
             for ps, r in zip(prompts, rewards, strict=True)]
 
 
-def metarm_rounds(ctx: TaskContext, seed: int, *, meta_lr: float, update: str) -> Fitted:
+def metarm_rounds(ctx: TaskContext, seed: int, *, meta_lr: float, update: str,
+                  start: Fitted | None = None, pairs: Sequence[SourcePair] | None = None,
+                  meta_prompts: Sequence[PromptSet] | None = None,
+                  val_pairs: Sequence[SourcePair] | None = None) -> Fitted:
     """R rounds from BT's head of this seed: shift = top-4 of the control part's candidates
     under the previous round's RM; then ``metarm_steps`` MetaRMTrainer steps on the source
-    pairs with that meta set (a fresh optimiser per round, as ``/adapt``'s rounds)."""
+    pairs with that meta set (a fresh optimiser per round, as ``/adapt``'s rounds).
+
+    ``start``, ``pairs``, ``meta_prompts`` and ``val_pairs`` replace BT's head, the source
+    training pairs, the control part and the source val pairs: the meta_lr selection
+    (``select_meta_lr``) runs the same rounds on a source-only simulation of the shift."""
     s = ctx.settings
-    start = ctx.fitted("bt", seed)
+    start = ctx.fitted("bt", seed) if start is None else start
     head = frozen_copy(start.heads[0])
     for p in head.parameters():
         p.requires_grad_(True)
-    pairs = as_preference_pairs(ctx.train_pairs)
-    meta_prompts = ctx.data.heldout_part("control")
+    pairs = as_preference_pairs(ctx.train_pairs if pairs is None else pairs)
+    meta_prompts = ctx.data.heldout_part("control") if meta_prompts is None else meta_prompts
+    val_pairs = ctx.data.pairs("val") if val_pairs is None else val_pairs
     rounds = [Fitted([frozen_copy(head)])]
     diagnostics = []
     for r in range(1, s.metarm_rounds + 1):
@@ -373,17 +385,25 @@ def metarm_rounds(ctx: TaskContext, seed: int, *, meta_lr: float, update: str) -
         fitted = Fitted([frozen_copy(head)])
         rounds.append(fitted)
         diagnostics.append({"round": r, **{k: float(v) for k, v in last.items()},
-                            "source_val_accuracy": ctx.pair_accuracy(fitted, ctx.data.pairs("val"))})
-    return Fitted(rounds[-1].heads, rounds=rounds, info={"rounds": diagnostics})
+                            "source_val_accuracy": ctx.pair_accuracy(fitted, val_pairs)})
+    return Fitted(rounds[-1].heads, rounds=rounds, info={"rounds": diagnostics, "meta_lr": meta_lr})
 
 
 def metarm(name: str, claim: str, *, meta_lr: float | None, update: str, baseline: str | None) -> Method:
+    """A MetaRM row; ``meta_lr=None`` takes η from the run's settings: the update form's entry
+    of ``metarm_meta_lr_by_update`` (picked on the source side, ``metarm_select``) if any,
+    else ``metarm_meta_lr``."""
     def fit(ctx: TaskContext, seed: int) -> Fitted:
-        lr = ctx.settings.metarm_meta_lr if meta_lr is None else meta_lr
+        s = ctx.settings
+        lr = s.metarm_meta_lr_by_update.get(update, s.metarm_meta_lr) if meta_lr is None else meta_lr
         return metarm_rounds(ctx, seed, meta_lr=lr, update=update)
 
     return register(Method(name, "MetaRM", claim, fit, baseline=baseline, rounds=True))
 
+
+# the rows whose η is a setting (picked on the source side), by update form
+METARM_UPDATES = {"metarm": "first_order", "metarm_second_order": "second_order",
+                  "metarm_alternating": "alternating"}
 
 metarm("vanilla_rounds", "rounds of BT on the same steps (MetaRM's baseline)", meta_lr=0.0,
        update="first_order", baseline="bt")

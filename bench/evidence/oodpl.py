@@ -14,6 +14,14 @@ adds it. The outer steps' tasks and batches come from ``MetaTrainer._pick_task``
 Samples D_xy^i: the candidates of source-domain training prompts (up to
 ``oodpl_prompts_per_domain`` per domain: the precompute costs one policy JVP per 16 samples);
 pairs D_PL^i: that domain's source training pairs. The coefficient table is cached on disk.
+
+**Number of source domains** (the paper's analysis: the gain grows with more source
+distributions). ``oodpl_meta@k`` meta-trains on the first k domains of a fixed seeded order of
+the source domains (``domain_order``), and is compared with ``bt@k``, pooled BT on the
+training pairs of the same k domains (same head settings, same epochs over its pairs), so the
+contrast isolates meta-training at equal data. G_i and d_j depend on domain i's own pairs and
+samples only, so the subsets filter the 12-domain coefficient table: the cache key is the full
+task list's, and subsets cost no precompute. ``oodpl_meta`` / ``bt`` are the all-domain rows.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import json
 import math
 import random
 import time
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +39,7 @@ from typing import Any
 import torch
 
 from bench.evidence.data import PromptSet
-from bench.evidence.head import new_head
+from bench.evidence.head import new_head, train_head
 from bench.evidence.methods import Fitted, Method, TaskContext, as_preference_pairs, register
 from training.data import PromptSamples
 from training.losses import bradley_terry_loss
@@ -105,11 +114,39 @@ def coefficients(ctx: TaskContext) -> dict[str, Any]:
     return info
 
 
-def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float) -> Fitted:
+DOMAIN_COUNTS = (4, 8)  # subset rows; the all-domain rows (12 on data v2) are oodpl_meta and bt
+
+
+def domain_order(source_domains: Sequence[str], task: str) -> list[str]:
+    """The source domains in a fixed seeded order, the same on every run of ``task``: the
+    first k are the k-domain subset (so the 4 are inside the 8)."""
+    domains = sorted(source_domains)
+    random.Random(zlib.crc32(f"oodpl-domains|{task}".encode())).shuffle(domains)
+    return domains
+
+
+def domain_subset(ctx: TaskContext, count: int | None) -> set[str]:
+    """The first ``count`` domains of ``domain_order`` (all when None or ≥ their number)."""
+    order = domain_order(ctx.data.source_domains, ctx.task)
+    return set(order if count is None else order[:count])
+
+
+def fit_bt_subset(ctx: TaskContext, seed: int, *, count: int) -> Fitted:
+    """Pooled BT on the training pairs of the first ``count`` source domains only."""
+    domains = domain_subset(ctx, count)
+    pairs = [p for p in ctx.train_pairs if p.domain in domains]
+    return Fitted([train_head(ctx.features, ctx.pair_rows(pairs), ctx.settings.head, seed)],
+                  info={"domains": sorted(domains), "train_pairs": len(pairs)})
+
+
+def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float, count: int | None = None) -> Fitted:
+    """Meta-training over the tasks of the first ``count`` source domains (all when None);
+    as many outer steps as ``epochs`` passes over those domains' pairs take batches."""
     s = ctx.settings
     info = coefficients(ctx)
     table = {name: {(p, r): d for p, r, d in rows} for name, rows in info["table"].items()}
-    tasks = [t for t in meta_tasks(ctx) if t.name in table]
+    domains = domain_subset(ctx, count)
+    tasks = [t for t in meta_tasks(ctx) if t.name in table and t.name in domains]
     config = meta_config(ctx, seed)
     trainer = MetaTrainer(config, tasks=tasks)  # its task choice and batch draws, no models
     trainer._tasks = tasks
@@ -117,7 +154,8 @@ def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float) -> Fitted:
     head.eval()  # as MetaTrainer keeps φ in eval mode: w(φ) is one function
     params = list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.outer_lr, weight_decay=s.head.weight_decay)
-    steps = max(1, math.ceil(s.head.epochs * len(ctx.train_pairs) / s.head.batch_size))
+    subset_pairs = sum(1 for p in ctx.train_pairs if p.domain in domains)
+    steps = max(1, math.ceil(s.head.epochs * subset_pairs / s.head.batch_size))
     for step in range(steps):
         task = trainer._pick_task(step)
         (batch,), pairs = trainer.draw_batches(task)
@@ -136,7 +174,7 @@ def fit_meta(ctx: TaskContext, seed: int, *, bt_weight: float) -> Fitted:
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-    return Fitted([head], info={"outer_steps": steps, "bt_weight": bt_weight,
+    return Fitted([head], info={"outer_steps": steps, "bt_weight": bt_weight, "domains": sorted(t.name for t in tasks),
                                 "precompute_seconds": info.get("precompute_seconds"),
                                 "coefficient_samples": info.get("samples")})
 
@@ -147,3 +185,51 @@ register(Method("oodpl_meta", "OOD-PL", "meta-training (precomputed hypergradien
 register(Method("oodpl_meta_only", "OOD-PL", "the meta-gradient alone (no BT term) learns a "
                 "reward that transfers", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=0.0),
                 default=False))
+
+
+def _subset_rows(count: int) -> None:
+    register(Method(f"bt@{count}", "—", f"pooled BT on {count} source domains (the OOD-PL@{count} baseline)",
+                    lambda ctx, seed: fit_bt_subset(ctx, seed, count=count), baseline="bt", role="baseline",
+                    default=False))
+    register(Method(f"oodpl_meta@{count}", "OOD-PL", f"meta-training on {count} source domains beats BT "
+                    "on the same domains", lambda ctx, seed: fit_meta(ctx, seed, bt_weight=1.0, count=count),
+                    baseline=f"bt@{count}", default=False))
+
+
+for _count in DOMAIN_COUNTS:
+    _subset_rows(_count)
+
+OODPL_ROWS = ("oodpl_meta", "oodpl_meta_only", *(f"oodpl_meta@{k}" for k in DOMAIN_COUNTS))
+CLOSE_SHARE = 0.5  # of the positive control's M1 gap over BT
+
+
+def oodpl_targets(task: str, rows: Sequence[dict[str, Any]], growth_interval: Any = None) -> list[dict[str, Any]]:
+    """Issue 17's OOD-PL targets, when the rows ran: (1) meta closes ≥ 50 % of the M1 gap
+    between pooled BT and the positive control, ratio = (meta − BT) / (control − BT) of the
+    pooled M1 estimates, met only with the meta − BT pooled M1 CI lower bound > 0 (and a
+    positive control gap); (2) the gain grows from 4 to all source domains: gain@k = pooled M1
+    estimate of oodpl_meta@k − bt@k, measured = gain@all − gain@4 > 0 (point estimates, as
+    pre-registered); ``growth_interval``, the paired bootstrap interval of that difference
+    (``run.difference_of_gains``), is reported with it so a "met" inside the noise shows."""
+    by_name = {r["method"]: r for r in rows}
+    targets = []
+    meta, control = by_name.get("oodpl_meta"), by_name.get("positive_control")
+    if meta is not None and control is not None and "M1" in meta["contrast"]:
+        gain, gap = meta["contrast"]["M1"]["pooled"], control["contrast"]["M1"]["pooled"]
+        ratio = gain.estimate / gap.estimate if gap.estimate > 0 else math.nan
+        targets.append({"name": f"{task}: oodpl_meta closes ≥ 50% of the M1 gap between pooled BT and the "
+                        "positive control (and meta − BT M1 CI > 0)", "measured": ratio, "threshold": CLOSE_SHARE,
+                        "met": bool(gap.estimate > 0 and ratio >= CLOSE_SHARE and gain.low > 0),
+                        "interval": gain.as_dict(), "control_gap_M1": gap.estimate})
+    gains = {}
+    for name, row in by_name.items():
+        if (name == "oodpl_meta" or name.startswith("oodpl_meta@")) and "M1" in row["contrast"]:
+            count = row["info"][0].get("domains") if row["info"] else None
+            gains[len(count) if count else name] = row["contrast"]["M1"]["pooled"].estimate
+    if len(gains) >= 2 and all(isinstance(k, int) for k in gains):
+        low, high = min(gains), max(gains)
+        targets.append({"name": f"{task}: OOD-PL gain (M1, meta − BT on the same domains) grows from {low} to "
+                        f"{high} source domains", "measured": gains[high] - gains[low], "threshold": 0.0,
+                        "met": bool(gains[high] - gains[low] > 0), "gains_by_domains": gains,
+                        **({"interval": growth_interval.as_dict()} if growth_interval is not None else {})})
+    return targets

@@ -19,6 +19,7 @@ from bench.evidence import controls, finetune, oodpl  # noqa: F401 (they registe
 from bench.evidence.data import PromptSet, TaskData, load_task, plant_noise
 from bench.evidence.features import POOLINGS, FeatureTable, extract
 from bench.evidence.head import train_head
+from bench.evidence.metarm_select import metarm_targets, metarm_updates, select_meta_lr
 from bench.evidence.methods import METHODS, Fitted, RunSettings, TaskContext, strength
 from bench.evidence.metrics import (
     KL_TARGETS,
@@ -41,11 +42,16 @@ PAIR_CLASSES = ("policy-policy", "gloss-gloss", "gloss-policy")
 NOT_RUN = {
     "fine-tune track (bt, positive_control)": "not run: full MiniLM fine-tuning with training.bt's "
     "RMTrainer, 3 seeds, takes ~18 min for CSG alone on this CPU; opt in with --finetune",
-    "oodpl_meta, oodpl_meta_only": "not run: MetaTrainer.precompute (G_i and one SmolLM2 JVP per "
-    "16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
+    "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": "not run: MetaTrainer.precompute (G_i and one "
+    "SmolLM2 JVP per 16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
+    "dpo (implicit reward, OOD-PL's DPO baseline)": "not run: DPO trains the SmolLM2 policy itself (a "
+    "policy and a reference forward per pair side, backward through the policy) on the ~thousands of "
+    "source pairs, per seed: estimated (not measured) at hours per task on this 2-core CPU, against "
+    "seconds for a head; it needs a GPU run's budget, not the fast track's",
 }
 NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
-                "oodpl_meta, oodpl_meta_only": {"oodpl_meta", "oodpl_meta_only"}}
+                "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": {"oodpl_meta", "oodpl_meta_only"},
+                "dpo (implicit reward, OOD-PL's DPO baseline)": set()}
 
 
 @dataclass
@@ -105,6 +111,9 @@ def evaluate(ctx: TaskContext, fitted: Fitted, prompts: Sequence[PromptSet]) -> 
     scalars["M1_oracle_fraction"] = oracle_fraction(values["M1"][0], golds)
     scalars["source_val_accuracy"] = ctx.pair_accuracy(fitted, ctx.data.pairs("val"))
     if fitted.rounds:
+        val_pairs = ctx.data.pairs("val")
+        for r_index, round_fitted in enumerate(fitted.rounds):  # "at equal source accuracy", per round
+            scalars[f"source_val_accuracy@round{r_index}"] = ctx.pair_accuracy(round_fitted, val_pairs)
         for r_index in range(1, len(fitted.rounds)):
             previous = ctx.rewards(fitted.rounds[r_index - 1], prompts)
             current = ctx.rewards(fitted.rounds[r_index], prompts)
@@ -190,6 +199,23 @@ def contrast(results: dict[str, list[dict[str, Any]]], a: str, b: str | None, me
     return bootstrap(side_a, side_b, domains, reps=reps, seed=zlib.crc32(f"{a}|{b}|{metric}".encode()))
 
 
+def difference_of_gains(results: dict[str, list[dict[str, Any]]], high: tuple[str, str], low: tuple[str, str],
+                        metric: str, domains: np.ndarray, reps: int) -> Interval | None:
+    """Pooled interval of (A − B) − (C − D) for ``high`` = (A, B), ``low`` = (C, D), paired by
+    seed and prompt (one bootstrap draw for all four). Only for metrics with one unit of
+    denominator per prompt (M1): then each ratio is a mean and the combination is linear."""
+    names = [*high, *low]
+    if any(not results.get(n) or metric not in results[n][0]["values"] for n in names):
+        return None
+    num = {n: np.stack([r["values"][metric][0] for r in results[n]]) for n in names}
+    den = np.stack([r["values"][metric][1] for r in results[names[0]]])
+    if not np.all(den == 1.0):
+        return None
+    combined = num[high[0]] - num[high[1]] - num[low[0]] + num[low[1]]
+    return bootstrap(Cells(combined, den), None, domains, reps=reps,
+                     seed=zlib.crc32(f"{high}|{low}|{metric}".encode()))["pooled"]
+
+
 def run_task(task: str, options: Options) -> dict[str, Any]:
     started = time.monotonic()
     data = load_task(task, options.data_root)
@@ -215,6 +241,12 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
         while base is not None and base not in names:
             names.insert(0, base)
             base = METHODS[base].baseline
+    metarm_selection = None
+    if metarm_updates(names) and ctx.settings.metarm_select_seeds > 0 and not ctx.settings.metarm_meta_lr_by_update:
+        metarm_selection = select_meta_lr(ctx, metarm_updates(names))  # source side only
+        ctx.settings = replace(ctx.settings, metarm_meta_lr_by_update=metarm_selection["chosen"])
+        log.info("%s MetaRM η picked on source: %s (%.0f s)", task, metarm_selection["chosen"],
+                 metarm_selection["seconds"])
     results: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for name in names:
@@ -224,6 +256,7 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
         seconds[name] = (time.monotonic() - tick) / seeds
         log.info("%s %s: %.1f s per seed", task, name, seconds[name])
     # the same two poolings compared on held-out, for the record (chosen on source val above)
+    chosen_settings = ctx.settings  # the loop below re-sets every context's settings, ctx's too
     pooling_heldout = {}
     for pooling, other in contexts.items():
         choice = picked["by_pooling"][pooling]
@@ -235,6 +268,7 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
             "heldout_M2": float(np.mean([r["values"]["M2"][0].sum() / r["values"]["M2"][1].sum() for r in runs])),
             "heldout_M1": float(np.mean([r["values"]["M1"][0].mean() for r in runs])),
         }
+    ctx.settings = chosen_settings
     rows = summarize(results, names, domains, options.reps)
     gap = next(r for r in rows if r["method"] == controls.POSITIVE)["contrast"]
     control_gap = (gap["M1"]["pooled"].estimate, gap["M2"]["pooled"].estimate)
@@ -254,10 +288,15 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
                  "planted_flips": int(sum(ctx.flipped)), "pair_gap": data.pair_gap},
         "features": table.settings,
         "settings": {"pooling": best["pooling"], "head": asdict(head), "selection": picked,
-                     "pooling_heldout": pooling_heldout, "run": asdict(ctx.settings)},
+                     "pooling_heldout": pooling_heldout, "run": asdict(ctx.settings),
+                     "metarm_meta_lr_selection": metarm_selection},
         "rows": rows,
         "control_gap": {"M1": control_gap[0], "M2": control_gap[1]},
-        "targets": controls.control_targets(task, contrasts),
+        "targets": [*controls.control_targets(task, contrasts), *metarm_targets(task, rows),
+                    *oodpl.oodpl_targets(task, rows, growth_interval=difference_of_gains(
+                        results, ("oodpl_meta", "bt"), (f"oodpl_meta@{min(oodpl.DOMAIN_COUNTS)}",
+                                                        f"bt@{min(oodpl.DOMAIN_COUNTS)}"), "M1", domains,
+                        options.reps))],
         "strength_deciles": strength_deciles(ctx) if "strength" in names or "flip" in names else [],
         "costs": {"features_seconds": round(features_seconds, 1), "seconds_per_fit": seconds,
                   "wall_seconds": round(time.monotonic() - started, 1)},

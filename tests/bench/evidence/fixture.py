@@ -11,7 +11,10 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from bench.evidence.data import PromptSet, candidate_pairs
+from bench.evidence.features import FeatureTable
 
 GOOD = ["good", "great", "excellent", "wonderful", "happy", "love", "nice"]
 BAD = ["bad", "awful", "terrible", "horrible", "sad", "hate", "poor"]
@@ -35,9 +38,10 @@ def _row(ps: PromptSet, group_key: str) -> dict:
             "candidates": list(ps.candidates), "gold": list(ps.gold), "kinds": list(ps.kinds)}
 
 
-def write_task(root: Path, task: str, *, seed: int = 0, prompts: int = 9, candidates: int = 6) -> Path:
+def write_task(root: Path, task: str, *, seed: int = 0, prompts: int = 9, candidates: int = 6,
+               source_domains: int = 4) -> Path:
     rng = random.Random(seed)
-    source_domains, heldout_domains = ["s0", "s1", "s2", "s3"], ["h0", "h1", "h2", "h3"]
+    source_domains, heldout_domains = [f"s{i}" for i in range(source_domains)], ["h0", "h1", "h2", "h3"]
     source = [_prompt(rng, task, d, i, "val" if i % 3 == 2 else "train", candidates)
               for d in source_domains for i in range(prompts)]
     heldout = [_prompt(rng, task, d, i, "control" if i % 3 == 0 else "eval", candidates)
@@ -53,3 +57,14 @@ def write_task(root: Path, task: str, *, seed: int = 0, prompts: int = 9, candid
     pairs = [{**asdict(p), "task": task} for p in candidate_pairs(source, 0.3)]
     (directory / "source_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return directory
+
+
+def gold_features(data) -> FeatureTable:
+    """Feature 0 is an item's gold, the rest noise: a head can learn gold exactly."""
+    gold = {}
+    for ps in [*data.source, *data.heldout]:
+        gold.update({(ps.prompt, c): g for c, g in zip(ps.candidates, ps.gold, strict=True)})
+    items = data.items()
+    x = torch.randn(len(items), 8, generator=torch.Generator().manual_seed(0)) * 0.1
+    x[:, 0] = torch.tensor([gold[i] for i in items])
+    return FeatureTable({item: i for i, item in enumerate(items)}, {"cls": x, "mean": x})

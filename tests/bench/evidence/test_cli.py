@@ -25,7 +25,7 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     for task in report["tasks"]:
         rows = {r["method"]: r for r in task["rows"]}
         assert set(rows) == {name for name, method in METHODS.items() if method.default} | {
-            "oodpl_meta", "oodpl_meta_only"}
+            "oodpl_meta", "oodpl_meta_only", "oodpl_meta@4", "oodpl_meta@8", "bt@4", "bt@8"}
         assert rows["bt"]["absolute"]["M1"]["low"] <= rows["bt"]["absolute"]["M1"]["high"]
         for name, row in rows.items():
             if name == "bt":
@@ -35,12 +35,23 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
         assert "M3" in rows["metarm"]["contrast"] and "var_dr" in rows["metarm"]["contrast"]
         assert task["features"]["items"] > 0 and task["settings"]["pooling"] in ("cls", "mean")
         assert set(task["settings"]["pooling_heldout"]) == {"cls", "mean"}
-        assert list(task["not_run"]) == ["fine-tune track (bt, positive_control)"]
+        assert set(task["not_run"]) == {"fine-tune track (bt, positive_control)",
+                                        "dpo (implicit reward, OOD-PL's DPO baseline)"}
+        selection = task["settings"]["metarm_meta_lr_selection"]  # η picked on the source side
+        assert set(selection["chosen"]) == {"first_order", "second_order", "alternating"}
+        assert selection["chosen"]["first_order"] in selection["grid"] and selection["pseudo_heldout_domains"]
+        assert rows["metarm"]["info"][0]["meta_lr"] == selection["chosen"]["first_order"]
+        assert task["settings"]["run"]["metarm_meta_lr_by_update"] == selection["chosen"]
+        assert {"source_val_accuracy@round0", "source_val_accuracy@round3"} <= set(rows["metarm"]["scalars"])
+        assert "var_dr@round1" in rows["metarm"]["absolute"]
+        assert rows["oodpl_meta@4"]["baseline"] == "bt@4"
         assert len(task["strength_deciles"]) == 10
     ka = {r["method"]: r for r in report["tasks"][1]["rows"]}
     assert {"M2:policy-policy", "M2:gloss-gloss", "M2:gloss-policy"} <= set(ka["bt"]["absolute"])
     names = [t["name"] for t in report["targets"]]
-    assert sum("control" in n for n in names) == 8  # 2 controls × 2 metrics × 2 tasks
+    assert sum("control" in n and "oodpl" not in n for n in names) == 8  # 2 controls × 2 metrics × 2 tasks
+    assert sum("vanilla rounds" in n for n in names) == 2 * 4  # metarm, metarm_second_order × 2 targets × 2 tasks
+    assert sum("oodpl_meta closes" in n for n in names) == 2
     assert all({"name", "measured", "threshold", "met"} <= set(t) for t in report["targets"])
     for suffix in ("_intervals.png", "_strength.png"):
         assert (output.with_name("evidence" + suffix)).stat().st_size > 0
@@ -51,7 +62,8 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     assert again["tasks"][0]["features"].get("cached") is True
     rows = {r["method"]: r for r in again["tasks"][0]["rows"]}
     assert rows["ft_bt"]["seeds"] == 3 and rows["ft_positive_control"]["baseline"] == "ft_bt"
-    assert "M1" in rows["ft_positive_control"]["contrast"] and not again["tasks"][0]["not_run"]  # --oodpl and --finetune both ran
+    assert "M1" in rows["ft_positive_control"]["contrast"]
+    assert list(again["tasks"][0]["not_run"]) == ["dpo (implicit reward, OOD-PL's DPO baseline)"]
     finetune_targets = [t for t in again["targets"] if "fine-tune track" in t["name"]]
     assert len(finetune_targets) == 2 and all("control" in t["name"] for t in finetune_targets)
     for target in finetune_targets:

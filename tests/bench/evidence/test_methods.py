@@ -8,24 +8,12 @@ from dataclasses import replace
 import torch
 
 from bench.evidence.data import TaskData, load_task
-from bench.evidence.features import FeatureTable
 from bench.evidence.head import FeatureRewardModel, new_head
 from bench.evidence.methods import METHODS, RunSettings, as_preference_pairs, combo_selection
 from bench.evidence.run import Options, build_contexts, evaluate
-from tests.bench.evidence.fixture import write_task
+from tests.bench.evidence.fixture import gold_features, write_task
 from training.metarm.config import MetaRMConfig
 from training.metarm.trainer import MetaRMTrainer, difference_objective, source_scale
-
-
-def gold_features(data) -> FeatureTable:
-    """Feature 0 is an item's gold, the rest noise: a head can learn gold exactly."""
-    gold = {}
-    for ps in [*data.source, *data.heldout]:
-        gold.update({(ps.prompt, c): g for c, g in zip(ps.candidates, ps.gold, strict=True)})
-    items = data.items()
-    x = torch.randn(len(items), 8, generator=torch.Generator().manual_seed(0)) * 0.1
-    x[:, 0] = torch.tensor([gold[i] for i in items])
-    return FeatureTable({item: i for i, item in enumerate(items)}, {"cls": x, "mean": x})
 
 
 def context(tmp_path, noise: float = 0.0):
