@@ -283,6 +283,7 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
                  "heldout_domains": data.heldout_domains, "eval_prompts": len(prompts),
                  "eval_prompts_by_domain": {d: int((domains == d).sum()) for d in data.heldout_domains},
                  "control_prompts": len(data.heldout_part("control")), "control_pairs": len(ctx.control_pairs),
+                 "finetune_pairs": {"source": len(finetune.source_pairs(ctx)), "control": len(finetune.control_pairs(ctx))},
                  "source_train_pairs": len(ctx.train_pairs), "source_val_prompts": len(data.source_split("val")),
                  "planted_noise": options.noise, "noise_kind": options.noise_kind,
                  "planted_flips": int(sum(ctx.flipped)), "pair_gap": data.pair_gap},
