@@ -102,6 +102,9 @@ def test_targets_from_rows():
     assert abs(grow["measured"] - 0.02) < 1e-9 and grow["met"] and "4 to 12" in grow["name"]
     rows[1] = row("oodpl_meta", 0.03, low=-0.001, domains=list("abcdefghijkl"))
     assert not oodpl_targets("csg", rows)[0]["met"]  # the ratio alone is not enough: CI must be > 0
+    # growth is decided like every claim: a rise whose paired interval contains 0 is not growth
+    assert oodpl_targets("csg", rows, growth_interval=Interval(0.02, 0.005, 0.035))[1]["met"]
+    assert not oodpl_targets("csg", rows, growth_interval=Interval(0.02, -0.01, 0.05))[1]["met"]
 
 
 def test_growth_interval_is_the_paired_difference_of_gains():
