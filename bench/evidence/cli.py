@@ -3,7 +3,7 @@
     python -m bench.evidence                 # both tasks, every registered method, 10 seeds
     python -m bench.evidence --quick         # a few minutes: subsampled prompts, 3 seeds
     python -m bench.evidence --task ka --seeds 20 --methods bt,flip
-    python -m bench.evidence --finetune --oodpl --jobs 2   # everything, one task per core
+    python -m bench.evidence --finetune --oodpl --dpo --jobs 2   # everything, one task per core
     python -m bench.evidence --noise 0.4 --noise-kind instance   # flips where |Δgold| is small
     python -m bench.evidence.noise           # the Secrets-II rows at clean / uniform / instance noise
 
@@ -52,6 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help=f"comma-separated rows (default all): {','.join(METHODS)}")
     parser.add_argument("--finetune", action="store_true",
                         help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds")
+    parser.add_argument("--dpo", action="store_true",
+                        help="also DPO's implicit reward (SmolLM2 + LoRA trained on source pairs, 3 seeds)")
     parser.add_argument("--oodpl", action="store_true",
                         help="also OOD-PL meta-training, on all and on 4 / 8 source domains against BT on the "
                              "same domains (SmolLM2 precompute: many minutes per task)")
@@ -81,7 +83,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def options_from(args: argparse.Namespace) -> Options:
     methods = args.methods.split(",") if args.methods else None
     extra = [*(OODPL_ROWS if args.oodpl else ()),
-             *(("ft_bt", "ft_positive_control") if args.finetune else ())]
+             *(("ft_bt", "ft_positive_control") if args.finetune else ()),
+             *(("dpo",) if args.dpo else ())]
     if extra:
         defaults = methods or [name for name, method in METHODS.items() if method.default]
         methods = [*defaults, *(m for m in extra if m not in defaults)]

@@ -42,7 +42,7 @@ TRAINER_OPTIONS = {"max_length": 128, "epochs": 1.0, "batch_size": 16, "learning
                    "checkpoint_every": 0, "reward_stats_max_items": 64, "eval_batch_size": 64}
 
 
-def _scored_items(ctx: TaskContext) -> list[tuple[str, str]]:
+def scored_items(ctx: TaskContext) -> list[tuple[str, str]]:
     items = [(ps.prompt, c) for ps in ctx.data.heldout_part("eval") for c in ps.candidates]
     items += [(p.prompt, r) for p in ctx.data.pairs("val") for r in (p.chosen, p.rejected)]
     return list(dict.fromkeys(items))
@@ -50,7 +50,7 @@ def _scored_items(ctx: TaskContext) -> list[tuple[str, str]]:
 
 def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str) -> Fitted:
     root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / "finetune"
-    items = _scored_items(ctx)
+    items = scored_items(ctx)
     key = hashlib.sha256(json.dumps([ctx.settings.encoder, TRAINER_OPTIONS, seed,
                                      [(p.prompt, p.chosen, p.rejected) for p in pairs], items]).encode())
     cache = root / f"{ctx.task}-{name}-s{seed}-{key.hexdigest()[:16]}.json"

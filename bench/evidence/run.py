@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.evidence import controls, finetune, oodpl  # noqa: F401 (they register rows)
+from bench.evidence import controls, dpo, finetune, oodpl  # noqa: F401 (they register rows)
 from bench.evidence.data import PromptSet, TaskData, load_task, plant_noise
 from bench.evidence.features import POOLINGS, FeatureTable, extract
 from bench.evidence.head import train_head
@@ -44,14 +44,13 @@ NOT_RUN = {
     "RMTrainer, 3 seeds, takes ~18 min for CSG alone on this CPU; opt in with --finetune",
     "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": "not run: MetaTrainer.precompute (G_i and one "
     "SmolLM2 JVP per 16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
-    "dpo (implicit reward, OOD-PL's DPO baseline)": "not run: DPO trains the SmolLM2 policy itself (a "
-    "policy and a reference forward per pair side, backward through the policy) on the ~thousands of "
-    "source pairs, per seed: estimated (not measured) at hours per task on this 2-core CPU, against "
-    "seconds for a head; it needs a GPU run's budget, not the fast track's",
+    "dpo (implicit reward, OOD-PL's DPO baseline)": "not run: DPO trains the SmolLM2 policy itself "
+    "(training.oodpl.dpo.DPOTrainer, LoRA, one epoch of the capped source pairs, 3 seeds) and scores "
+    "every candidate under the policy and its reference: minutes per seed on this CPU; opt in with --dpo",
 }
 NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
                 "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": {"oodpl_meta", "oodpl_meta_only"},
-                "dpo (implicit reward, OOD-PL's DPO baseline)": set()}
+                "dpo (implicit reward, OOD-PL's DPO baseline)": {"dpo"}}
 
 
 @dataclass
@@ -194,6 +193,10 @@ def contrast(results: dict[str, list[dict[str, Any]]], a: str, b: str | None, me
     side_b = cells(b) if b is not None else None
     if side_a is None or (b is not None and side_b is None):
         return None
+    if side_b is not None and side_b.num.shape[0] != side_a.num.shape[0]:
+        # a 3-seed row (DPO) against a 10-seed baseline: seed s against seed s, the first n
+        n = min(side_a.num.shape[0], side_b.num.shape[0])
+        side_a, side_b = (Cells(c.num[:n], c.den[:n]) for c in (side_a, side_b))
     if side_a.den.sum() == 0:
         return None
     return bootstrap(side_a, side_b, domains, reps=reps, seed=zlib.crc32(f"{a}|{b}|{metric}".encode()))

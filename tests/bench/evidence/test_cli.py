@@ -57,13 +57,16 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
         assert (output.with_name("evidence" + suffix)).stat().st_size > 0
     assert "positive_control" in output.with_suffix(".md").read_text()
     # a second run reads the cached features; the fine-tune track trains with RMTrainer
-    assert main([*args, "--task", "ka", "--methods", "bt", "--finetune", "--no-figures"]) == 0
+    assert main([*args, "--task", "ka", "--methods", "bt", "--finetune", "--dpo", "--no-figures"]) == 0
     again = json.loads(output.read_text())
     assert again["tasks"][0]["features"].get("cached") is True
     rows = {r["method"]: r for r in again["tasks"][0]["rows"]}
     assert rows["ft_bt"]["seeds"] == 3 and rows["ft_positive_control"]["baseline"] == "ft_bt"
     assert "M1" in rows["ft_positive_control"]["contrast"]
-    assert list(again["tasks"][0]["not_run"]) == ["dpo (implicit reward, OOD-PL's DPO baseline)"]
+    assert not again["tasks"][0]["not_run"]  # --oodpl, --finetune and --dpo all ran
+    # DPO's implicit reward, 3 seeds, against BT's first 3 seeds
+    assert rows["dpo"]["seeds"] == 3 and rows["dpo"]["baseline"] == "bt" and "M1" in rows["dpo"]["contrast"]
+    assert rows["dpo"]["decision"]["verdict"] in ("shown", "shown worse", "refuted at this scale", "inconclusive")
     finetune_targets = [t for t in again["targets"] if "fine-tune track" in t["name"]]
     assert len(finetune_targets) == 2 and all("control" in t["name"] for t in finetune_targets)
     for target in finetune_targets:

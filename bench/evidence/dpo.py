@@ -1,0 +1,73 @@
+"""OOD-PL's DPO baseline on the evidence benchmark: DPO's implicit reward as an RM.
+
+DPO (``training.oodpl.dpo.DPOTrainer``, the repo's own trainer: SmolLM2-135M + LoRA, bf16
+autocast where the CPU has bf16 units) trains the policy on pooled source pairs; its implicit
+reward of a response is r(x, y) = β·(log π_θ(y|x) − log π_ref(y|x)) (Rafailov et al. 2023,
+log-probabilities summed over response tokens), π_ref the same policy with the adapter
+disabled (``Policy.logprobs_chunked(reference=True)``). That reward ranks each held-out
+prompt's cached candidates like any other row, so M1 (β of the softmax matched by bisection,
+so DPO's β does not matter) and M2 compare it with BT on the same prompts.
+
+Cost is the policy's, not a head's: a DPO step is a forward and backward of 2 × 8 sequences
+through SmolLM2, and scoring needs two policy passes (θ and ref) over every eval candidate
+and source validation response. So the row trains on the fine-tune track's capped source
+pairs for one epoch, runs 3 seeds, is opt-in (``--dpo``), and caches each seed's scores on
+disk (the adapter is deleted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from bench.evidence.finetune import FINETUNE_SEEDS, scored_items, source_pairs
+from bench.evidence.methods import Fitted, Method, TaskContext, as_preference_pairs, register
+from training.oodpl.config import DPOConfig
+from training.oodpl.dpo import DPOTrainer
+
+DPO_NAME = "dpo"
+TRAINER_OPTIONS = {"beta": 0.1, "batch_pairs": 8, "learning_rate": 5e-5, "lora_r": 8, "lora_alpha": 16,
+                   "max_prompt_tokens": 64, "max_response_tokens": 64, "checkpoint_every": 0}
+
+
+def fit_dpo(ctx: TaskContext, seed: int) -> Fitted:
+    pairs = source_pairs(ctx)
+    items = scored_items(ctx)
+    options = {**TRAINER_OPTIONS, "steps": max(1, math.ceil(len(pairs) / TRAINER_OPTIONS["batch_pairs"]))}
+    root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / "dpo"
+    key = hashlib.sha256(json.dumps([ctx.settings.oodpl_policy, options, seed,
+                                     [(p.prompt, p.chosen, p.rejected) for p in pairs], items]).encode())
+    cache = root / f"{ctx.task}-s{seed}-{key.hexdigest()[:16]}.json"
+    if cache.is_file():
+        scores = json.loads(cache.read_text())
+    else:
+        work = root / f"{ctx.task}-s{seed}"
+        shutil.rmtree(work, ignore_errors=True)
+        config = DPOConfig.from_dict({"policy": ctx.settings.oodpl_policy, "seed": seed, "output_dir": str(work),
+                                      "artifacts_dir": ctx.settings.artifacts_dir, **options})
+        trainer = DPOTrainer(config, pairs=as_preference_pairs(pairs))
+        result = trainer.train()
+        policy = trainer.policy
+        prompts, responses = [p for p, _ in items], [r for _, r in items]
+        with torch.inference_mode():
+            trained = policy.logprobs_chunked(prompts, responses, batch_size=32)
+            reference = policy.logprobs_chunked(prompts, responses, batch_size=32, reference=True)
+        rewards = (config.beta * (trained - reference)).tolist()
+        scores = {"items": [list(i) for i in items], "rewards": rewards,
+                  "train_seconds": result.metrics.get("wall_time_s"), "steps": config.steps,
+                  "final_reward_accuracy": result.metrics.get("final_reward_accuracy")}
+        root.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(scores))
+        shutil.rmtree(work, ignore_errors=True)
+    rewards = {ctx.table.rows[(p, r)]: v for (p, r), v in zip(scores["items"], scores["rewards"], strict=True)}
+    return Fitted([], row_rewards=rewards, info={k: scores.get(k) for k in
+                                                 ("train_seconds", "steps", "final_reward_accuracy")})
+
+
+register(Method(DPO_NAME, "OOD-PL (Jia)", "DPO on the pooled source pairs, its implicit reward "
+                "β·log π_θ/π_ref as the RM (OOD-PL's baseline)", fit_dpo, seeds=FINETUNE_SEEDS, default=False))
