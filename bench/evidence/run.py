@@ -45,7 +45,7 @@ NOT_RUN = {
     "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": "not run: MetaTrainer.precompute (G_i and one "
     "SmolLM2 JVP per 16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
     "dpo (implicit reward, OOD-PL's DPO baseline)": "not run: DPO trains the SmolLM2 policy itself "
-    "(training.oodpl.dpo.DPOTrainer, LoRA, one epoch of 512 source pairs, 3 seeds) and scores "
+    "(training.oodpl.dpo.DPOTrainer, LoRA, one epoch of 512 source pairs, 1 seed) and scores "
     "every candidate under the policy and its reference: minutes per seed on this CPU; opt in with --dpo",
 }
 NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
