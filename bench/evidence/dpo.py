@@ -21,15 +21,13 @@ its contrast pairs it with BT's seed 0.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bench.evidence.finetune import capped, scored_items, source_pairs
+from bench.evidence.finetune import capped, scored_once, source_pairs
 from bench.evidence.methods import Fitted, Method, TaskContext, as_preference_pairs, register
 from training.oodpl.config import DPOConfig
 from training.oodpl.dpo import DPOTrainer
@@ -43,17 +41,9 @@ TRAINER_OPTIONS = {"beta": 0.1, "batch_pairs": 8, "learning_rate": 5e-5, "lora_r
 
 def fit_dpo(ctx: TaskContext, seed: int) -> Fitted:
     pairs = capped(source_pairs(ctx), PAIRS_MAX)
-    items = scored_items(ctx)
     options = {**TRAINER_OPTIONS, "steps": max(1, math.ceil(len(pairs) / TRAINER_OPTIONS["batch_pairs"]))}
-    root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / "dpo"
-    key = hashlib.sha256(json.dumps([ctx.settings.oodpl_policy, options, seed,
-                                     [(p.prompt, p.chosen, p.rejected) for p in pairs], items]).encode())
-    cache = root / f"{ctx.task}-s{seed}-{key.hexdigest()[:16]}.json"
-    if cache.is_file():
-        scores = json.loads(cache.read_text())
-    else:
-        work = root / f"{ctx.task}-s{seed}"
-        shutil.rmtree(work, ignore_errors=True)
+
+    def train_and_score(work: Path, items: list[tuple[str, str]]) -> dict[str, Any]:
         config = DPOConfig.from_dict({"policy": ctx.settings.oodpl_policy, "seed": seed, "output_dir": str(work),
                                       "artifacts_dir": ctx.settings.artifacts_dir, **options})
         trainer = DPOTrainer(config, pairs=as_preference_pairs(pairs))
@@ -63,16 +53,12 @@ def fit_dpo(ctx: TaskContext, seed: int) -> Fitted:
         with torch.inference_mode():
             trained = policy.logprobs_chunked(prompts, responses, batch_size=32)
             reference = policy.logprobs_chunked(prompts, responses, batch_size=32, reference=True)
-        rewards = (config.beta * (trained - reference)).tolist()
-        scores = {"items": [list(i) for i in items], "rewards": rewards,
-                  "train_seconds": result.metrics.get("wall_time_s"), "steps": config.steps,
-                  "final_reward_accuracy": result.metrics.get("final_reward_accuracy")}
-        root.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(scores))
-        shutil.rmtree(work, ignore_errors=True)
-    rewards = {ctx.table.rows[(p, r)]: v for (p, r), v in zip(scores["items"], scores["rewards"], strict=True)}
-    return Fitted([], row_rewards=rewards, info={k: scores.get(k) for k in
-                                                 ("train_seconds", "steps", "final_reward_accuracy")})
+        return {"rewards": (config.beta * (trained - reference)).tolist(),
+                "train_seconds": result.metrics.get("wall_time_s"), "steps": config.steps,
+                "final_reward_accuracy": result.metrics.get("final_reward_accuracy")}
+
+    return scored_once(ctx, "dpo", ctx.task, [ctx.settings.oodpl_policy, options], seed, pairs, train_and_score,
+                       ("train_seconds", "steps", "final_reward_accuracy"))
 
 
 register(Method(DPO_NAME, "OOD-PL (Jia)", "DPO on the pooled source pairs, its implicit reward "

@@ -14,8 +14,9 @@ import hashlib
 import json
 import random
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,17 +49,33 @@ def scored_items(ctx: TaskContext) -> list[tuple[str, str]]:
     return list(dict.fromkeys(items))
 
 
-def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str) -> Fitted:
-    root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / "finetune"
+def scored_once(ctx: TaskContext, track: str, label: str, key: list[Any], seed: int, pairs: Sequence[SourcePair],
+                train_and_score: Callable[[Path, list[tuple[str, str]]], dict[str, Any]],
+                info: Sequence[str]) -> Fitted:
+    """A model trained once per (``key``, seed, pairs, scored items) and kept only as its scores:
+    ``train_and_score(work_dir, items)`` returns ``{"rewards": [...], ...}`` for ``scored_items``;
+    that is cached under ``<cache_dir>/<track>/`` and the work dir deleted. The fine-tune track
+    and the DPO row both go through here."""
+    root = Path(ctx.settings.cache_dir or "artifacts/cache/evidence") / track
     items = scored_items(ctx)
-    key = hashlib.sha256(json.dumps([ctx.settings.encoder, TRAINER_OPTIONS, seed,
-                                     [(p.prompt, p.chosen, p.rejected) for p in pairs], items]).encode())
-    cache = root / f"{ctx.task}-{name}-s{seed}-{key.hexdigest()[:16]}.json"
+    digest = hashlib.sha256(json.dumps([*key, seed, [(p.prompt, p.chosen, p.rejected) for p in pairs],
+                                        items]).encode())
+    cache = root / f"{label}-s{seed}-{digest.hexdigest()[:16]}.json"
     if cache.is_file():
         scores = json.loads(cache.read_text())
     else:
-        work = root / f"{ctx.task}-{name}-s{seed}"
+        work = root / f"{label}-s{seed}"
         shutil.rmtree(work, ignore_errors=True)
+        scores = {"items": [list(i) for i in items], **train_and_score(work, items)}
+        root.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(scores))
+        shutil.rmtree(work, ignore_errors=True)
+    rewards = {ctx.table.rows[(p, r)]: v for (p, r), v in zip(scores["items"], scores["rewards"], strict=True)}
+    return Fitted([], row_rewards=rewards, info={k: scores.get(k) for k in info})
+
+
+def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str) -> Fitted:
+    def train_and_score(work: Path, items: list[tuple[str, str]]) -> dict[str, Any]:
         train_file = work / "train.jsonl"
         write_jsonl_atomic(train_file, [{"id": p.id, "prompt": p.prompt, "chosen": p.chosen,
                                          "rejected": p.rejected, "domain": p.domain} for p in pairs])
@@ -69,11 +86,10 @@ def finetune(ctx: TaskContext, pairs: Sequence[SourcePair], seed: int, name: str
         rm = RewardModel.from_pretrained(result.model_dir, device="cpu", max_input_tokens=config.max_length)
         with torch.inference_mode():
             values = rm.score([{"prompt": p, "response": r} for p, r in items], batch_size=64)
-        scores = {"items": [list(i) for i in items], "rewards": values, "train_seconds": result.metrics.get("train_seconds")}
-        cache.write_text(json.dumps(scores))
-        shutil.rmtree(work, ignore_errors=True)
-    rewards = {ctx.table.rows[(p, r)]: v for (p, r), v in zip(scores["items"], scores["rewards"], strict=True)}
-    return Fitted([], row_rewards=rewards, info={"train_seconds": scores.get("train_seconds")})
+        return {"rewards": values, "train_seconds": result.metrics.get("train_seconds")}
+
+    return scored_once(ctx, "finetune", f"{ctx.task}-{name}", [ctx.settings.encoder, TRAINER_OPTIONS], seed,
+                       pairs, train_and_score, ("train_seconds",))
 
 
 def capped(pairs: Sequence[SourcePair], limit: int) -> list[SourcePair]:

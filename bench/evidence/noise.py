@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from bench.evidence import controls
-from bench.evidence.data import TASKS, TaskData, instance_flip_probabilities, load_task
-from bench.evidence.features import FeatureTable, extract
+from bench.evidence.data import TASKS, TaskData, instance_flip_probabilities
+from bench.evidence.features import FeatureTable
 from bench.evidence.head import HeadSettings, PairRows, train_head
 from bench.evidence.methods import (
     Fitted,
@@ -56,7 +56,14 @@ from bench.evidence.methods import (
     strength,
 )
 from bench.evidence.report import _interval, targets_table, write_results
-from bench.evidence.run import Options, build_contexts, evaluate, pick_settings, summarize
+from bench.evidence.run import (
+    Options,
+    build_contexts,
+    evaluate,
+    load_with_features,
+    pick_settings,
+    summarize,
+)
 from bench.evidence.stats import DOMAIN_MAJORITY, REFUTE_SHARE, decide
 from training.bt.strength_file import strength_rows
 
@@ -221,11 +228,7 @@ def row_of(condition: dict[str, Any], method: str) -> dict[str, Any]:
 def run_task(task: str, options: Options, *, sweep_members: tuple[int, ...], sweep_seeds: int,
              sweep: bool) -> dict[str, Any]:
     started = time.monotonic()
-    data = load_task(task, options.data_root)
-    if options.prompts_per_domain:
-        data = data.subsample(options.prompts_per_domain)
-    table = extract(data.items(), model=options.model, max_length=options.max_length, bf16=options.bf16,
-                    cache_dir=options.cache_dir, name=task)
+    data, table = load_with_features(task, options)
     features_seconds = time.monotonic() - started
     tick = time.monotonic()
     picked = pick_settings(build_contexts(data, table, replace(options, noise=0.0)), options)

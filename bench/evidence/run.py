@@ -219,13 +219,19 @@ def difference_of_gains(results: dict[str, list[dict[str, Any]]], high: tuple[st
                      seed=zlib.crc32(f"{high}|{low}|{metric}".encode()))["pooled"]
 
 
-def run_task(task: str, options: Options) -> dict[str, Any]:
-    started = time.monotonic()
+def load_with_features(task: str, options: Options) -> tuple[TaskData, FeatureTable]:
+    """The task's data v2 (subsampled under --quick) and its encoder features (cached)."""
     data = load_task(task, options.data_root)
     if options.prompts_per_domain:
         data = data.subsample(options.prompts_per_domain)
     table = extract(data.items(), model=options.model, max_length=options.max_length, bf16=options.bf16,
                     cache_dir=options.cache_dir, name=task)
+    return data, table
+
+
+def run_task(task: str, options: Options) -> dict[str, Any]:
+    started = time.monotonic()
+    data, table = load_with_features(task, options)
     features_seconds = time.monotonic() - started
     contexts = build_contexts(data, table, options)
     picked = pick_settings(contexts, options)
