@@ -321,6 +321,25 @@ class Processes:
             self.accelerator.end_training()
 
 
+def exit_without_teardown(code: int = 0) -> None:
+    """End a rank's process here, after it left the process group and its files are written:
+    stdio and logging flushed, then ``os._exit`` without the interpreter's teardown.
+
+    Why: with torch 2.13 a gloo rank that returned normally aborts in its C++ teardown
+    ("terminate called without an active exception", SIGABRT, no Python frame) in about one
+    exit in three (6 of 17 runs of 2 CPU ranks: DDP steps, all_reduce, barrier,
+    ``destroy_process_group``, return). Nothing is lost by then, but torchrun reports the
+    rank as failed and stops its peers, which may still be writing."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def joined(processes: Processes) -> Iterator[Processes]:
     """``processes`` for the length of a block, leaving the group however the block ends."""

@@ -389,7 +389,7 @@ def run_rank(channel_dir: Path) -> None:
     rank = int(os.environ.get("RANK", "0"))
     channel.write_rank(rank, {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(),
                               "local_rank": int(os.environ.get("LOCAL_RANK", "0"))})
-    from training.distributed import Processes, is_collective_error
+    from training.distributed import Processes, exit_without_teardown, is_collective_error
 
     try:
         request = channel.request()
@@ -412,6 +412,7 @@ def run_rank(channel_dir: Path) -> None:
         channel.write_error(rank, exc, collective=is_collective_error(exc))
         raise  # the rank exits non-zero; torchrun stops the others
     processes.end()
+    exit_without_teardown(0)  # gloo's C++ teardown aborts a finished rank one exit in three
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from training.checkpoint import trainable_state
-from training.distributed import Processes, index_keyed, name_keyed, trainable_names
+from training.distributed import (
+    Processes,
+    exit_without_teardown,
+    index_keyed,
+    name_keyed,
+    trainable_names,
+)
 
 
 def _model() -> torch.nn.Module:
@@ -92,12 +98,13 @@ def _fsdp_rank(rank: int, world: int, init_file: str) -> None:
         again = processes.optimizer_state(fresh, fresh_optimizer)
         if rank == 0:
             _same_optimizer_state(again, reference_optimizer.state_dict())
-        # no rank tears gloo down while the other is still in a collective: without this
-        # barrier, rank 1 aborted ("terminate called without an active exception") in one CI
-        # run on a loaded machine
-        dist.barrier()
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
+    # as a launched rank ends (training.launch.run_rank): past this point torch 2.13's gloo
+    # teardown aborted one rank in 1 of 25 runs of this test (SIGABRT, "terminate called
+    # without an active exception"); an assertion above still fails the rank the usual way
+    exit_without_teardown(0)
 
 
 def test_fsdp_states_are_gathered_whole_in_one_process_form(tmp_path: Path) -> None:
