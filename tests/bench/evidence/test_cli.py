@@ -45,6 +45,10 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
         assert {"source_val_accuracy@round0", "source_val_accuracy@round3"} <= set(rows["metarm"]["scalars"])
         assert "var_dr@round1" in rows["metarm"]["absolute"]
         assert rows["oodpl_meta@4"]["baseline"] == "bt@4"
+        picked = task["settings"]["oodpl_bt_weight_selection"]  # the BT weight, picked on source val
+        assert picked["chosen"] in picked["grid"] and picked["inner_lr"] == 1e-3
+        assert {i["bt_weight"] for name in ("oodpl_meta", "oodpl_meta@4") for i in rows[name]["info"]} \
+            == {picked["chosen"]}
         assert len(task["strength_deciles"]) == 10
     ka = {r["method"]: r for r in report["tasks"][1]["rows"]}
     assert {"M2:policy-policy", "M2:gloss-gloss", "M2:gloss-policy"} <= set(ka["bt"]["absolute"])

@@ -1,6 +1,7 @@
 """OOD-PL against the number of source domains (bench/evidence/oodpl.py): the 4 / 8 subsets
 are nested and fixed, ``bt@k`` and ``oodpl_meta@k`` train on those domains only, and the
-subsets read the all-domain coefficient table (no extra precompute).
+subsets read the all-domain coefficient table (no extra precompute); the BT weight beside the
+meta term is picked on source val, and every meta row uses the pick.
 
 The coefficient table here is a seeded random d_j per sample, written where ``coefficients``
 caches ``MetaTrainer.precompute``'s output: the precompute itself (SmolLM2 JVPs) is exercised
@@ -22,6 +23,7 @@ from bench.evidence.oodpl import (
     domain_subset,
     meta_tasks,
     oodpl_targets,
+    select_bt_weight,
 )
 from bench.evidence.run import Options, build_contexts
 from bench.evidence.stats import Interval
@@ -75,6 +77,7 @@ def test_bt_on_a_subset_trains_only_on_its_domains(tmp_path):
 
 def test_meta_on_a_subset_uses_its_domains_and_the_full_coefficient_table(tmp_path):
     ctx = twelve_domain_context(tmp_path)
+    ctx.settings = replace(ctx.settings, oodpl_bt_weight=1.0)  # no pick: the poisoned pairs would move it
     coefficients = random_coefficients(ctx)
     ctx.fits[(COEFFICIENTS, 0)] = Fitted([], info=coefficients)
     eight = domain_subset(ctx, 8)
@@ -87,6 +90,27 @@ def test_meta_on_a_subset_uses_its_domains_and_the_full_coefficient_table(tmp_pa
                            fits={(COEFFICIENTS, 0): Fitted([], info={**coefficients, "table": poisoned})})
     assert same_head(METHODS["oodpl_meta@8"].fit(ctx_poisoned, 0), fitted)
     assert not same_head(METHODS["oodpl_meta"].fit(ctx_poisoned, 0), METHODS["oodpl_meta"].fit(ctx, 0))
+
+
+def test_bt_weight_is_picked_on_source_val_and_used_by_every_meta_row(tmp_path):
+    ctx = twelve_domain_context(tmp_path)
+    ctx.settings = replace(ctx.settings, oodpl_bt_weight_grid=(0.01, 1.0), oodpl_select_seeds=1)
+    gold = {(ps.prompt, c): g for ps in ctx.data.source for c, g in zip(ps.candidates, ps.gold, strict=True)}
+    # coefficients that push the softmax weight away from high gold, large enough to outweigh a
+    # BT term of weight 0.01 at α = 1e-3: the pick must be the BT-heavy weight
+    table = {t.name: [[s.prompt, r, 1e5 * gold[(s.prompt, r)]] for s in t.samples for r in s.responses]
+             for t in meta_tasks(ctx)}
+    ctx.fits[(COEFFICIENTS, 0)] = Fitted([], info={"table": table, "samples": 0})
+    picked = select_bt_weight(ctx)
+    scores = {w: picked["scores"][str(w)]["source_val_M1"] for w in (0.01, 1.0)}
+    assert picked["chosen"] == 1.0 and scores[0.01] < scores[1.0], scores
+    for name in ("oodpl_meta", "oodpl_meta@4", "oodpl_meta@8"):
+        assert METHODS[name].fit(ctx, 0).info["bt_weight"] == 1.0
+    # the held-out side is never read: its gold reversed, the same scores
+    heldout = [replace(ps, gold=tuple(-g for g in ps.gold)) for ps in ctx.data.heldout]
+    other = replace(ctx, data=replace(ctx.data, heldout=heldout),
+                    fits={(COEFFICIENTS, 0): ctx.fits[(COEFFICIENTS, 0)]})
+    assert select_bt_weight(other)["scores"] == picked["scores"]
 
 
 def test_targets_from_rows():
