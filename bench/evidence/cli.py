@@ -31,6 +31,7 @@ import torch
 from bench.evidence.data import NOISE_KINDS, TASKS
 from bench.evidence.methods import METHODS, RunSettings
 from bench.evidence.oodpl import OODPL_ROWS
+from bench.evidence.oodpl_finetune import FINETUNE_OODPL_ROWS
 from bench.evidence.report import (
     markdown_table,
     plot_intervals,
@@ -51,7 +52,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per method (default 10; quick 3)")
     parser.add_argument("--methods", default=None, help=f"comma-separated rows (default all): {','.join(METHODS)}")
     parser.add_argument("--finetune", action="store_true",
-                        help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds")
+                        help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds; "
+                             "with --oodpl also the full RM meta-trained (ft_oodpl_meta, ft_oodpl_meta_only)")
     parser.add_argument("--dpo", action="store_true",
                         help="also DPO's implicit reward (SmolLM2 + LoRA trained on source pairs, 3 seeds)")
     parser.add_argument("--oodpl", action="store_true",
@@ -84,6 +86,7 @@ def options_from(args: argparse.Namespace) -> Options:
     methods = args.methods.split(",") if args.methods else None
     extra = [*(OODPL_ROWS if args.oodpl else ()),
              *(("ft_bt", "ft_positive_control") if args.finetune else ()),
+             *(FINETUNE_OODPL_ROWS if args.oodpl and args.finetune else ()),
              *(("dpo",) if args.dpo else ())]
     if extra:
         defaults = methods or [name for name, method in METHODS.items() if method.default]

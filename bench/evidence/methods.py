@@ -81,7 +81,7 @@ class RunSettings:
     # grid (bench.evidence.oodpl.select_bt_weight). At α = 1e-3, 0.01 weighs the two terms as
     # α = 0.1 with weight 1 did (the meta term is linear in α)
     oodpl_bt_weight: float | None = None
-    oodpl_bt_weight_grid: tuple[float, ...] = (0.01, 0.1, 1.0)
+    oodpl_bt_weight_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
     oodpl_select_seeds: int = 3
     oodpl_precompute_pairs: int = 16
     oodpl_prompts_per_domain: int = 8
