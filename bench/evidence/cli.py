@@ -41,6 +41,7 @@ from bench.evidence.report import (
 )
 from bench.evidence.run import NOT_RUN, NOT_RUN_ROWS, Options, run_task
 from bench.evidence.stats import DOMAIN_MAJORITY, REFUTE_SHARE
+from training.launch import die_with_parent
 
 DEFAULT_OUTPUT = Path("bench/results/evidence.json")
 
@@ -108,7 +109,10 @@ def options_from(args: argparse.Namespace) -> Options:
     return options
 
 
-def _run_task_in_process(task: str, options: Options, threads: int) -> dict:
+def _run_task_in_process(task: str, options: Options, threads: int, parent: int) -> dict:
+    # a task process dies with the command: killing the command once left both task processes
+    # running for 15 min, writing into the same cache as the next run
+    die_with_parent(parent)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         # core each keeps busy, so two tasks side by side take about the wall time of the longer
         threads = max(1, args.threads // jobs)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_run_task_in_process, tasks, [options] * len(tasks), [threads] * len(tasks)))
+            results = list(pool.map(_run_task_in_process, tasks, [options] * len(tasks), [threads] * len(tasks),
+                                    [os.getpid()] * len(tasks)))
     for result in results:
         ran = {row["method"] for row in result["rows"]}
         result["not_run"] = {name: why for name, why in NOT_RUN.items() if not ran & NOT_RUN_ROWS[name]}
