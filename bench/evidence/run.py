@@ -44,7 +44,7 @@ NOT_RUN = {
     "RMTrainer, 3 seeds, takes ~18 min for CSG alone on this CPU; opt in with --finetune",
     "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": "not run: MetaTrainer.precompute (G_i and one "
     "SmolLM2 JVP per 16 source samples) takes 4-14 min per task on this CPU; opt in with --oodpl",
-    "OOD-PL on the fine-tune track (ft_oodpl_meta, ft_oodpl_meta_only)": "not run: MetaTrainer.train "
+    "OOD-PL on the fine-tune track (ft_oodpl_bt, ft_oodpl_meta, ft_oodpl_meta_only)": "not run: MetaTrainer.train "
     "meta-trains the full MiniLM RM, 3 seeds per row; opt in with --oodpl and --finetune together",
     "dpo (implicit reward, OOD-PL's DPO baseline)": "not run: DPO trains the SmolLM2 policy itself "
     "(training.oodpl.dpo.DPOTrainer, LoRA, one epoch of 512 source pairs, 1 seed) and scores "
@@ -52,8 +52,8 @@ NOT_RUN = {
 }
 NOT_RUN_ROWS = {"fine-tune track (bt, positive_control)": {"ft_bt", "ft_positive_control"},
                 "oodpl_meta, oodpl_meta_only, oodpl_meta@k, bt@k": {"oodpl_meta", "oodpl_meta_only"},
-                "OOD-PL on the fine-tune track (ft_oodpl_meta, ft_oodpl_meta_only)": {"ft_oodpl_meta",
-                                                                                      "ft_oodpl_meta_only"},
+                "OOD-PL on the fine-tune track (ft_oodpl_bt, ft_oodpl_meta, ft_oodpl_meta_only)": {
+                    "ft_oodpl_bt", "ft_oodpl_meta", "ft_oodpl_meta_only"},
                 "dpo (implicit reward, OOD-PL's DPO baseline)": {"dpo"}}
 
 

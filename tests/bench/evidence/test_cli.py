@@ -36,7 +36,7 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
         assert task["features"]["items"] > 0 and task["settings"]["pooling"] in ("cls", "mean")
         assert set(task["settings"]["pooling_heldout"]) == {"cls", "mean"}
         assert set(task["not_run"]) == {"fine-tune track (bt, positive_control)",
-                                        "OOD-PL on the fine-tune track (ft_oodpl_meta, ft_oodpl_meta_only)",
+                                        "OOD-PL on the fine-tune track (ft_oodpl_bt, ft_oodpl_meta, ft_oodpl_meta_only)",
                                         "dpo (implicit reward, OOD-PL's DPO baseline)"}
         selection = task["settings"]["metarm_meta_lr_selection"]  # η picked on the source side
         assert set(selection["chosen"]) == {"first_order", "second_order", "alternating"}
@@ -71,15 +71,18 @@ def test_quick_run_writes_rows_targets_and_figures(tmp_path, tiny_encoder_rm, ti
     assert not again["tasks"][0]["not_run"]  # --oodpl, --finetune and --dpo all ran
     # the full RM meta-trained by MetaTrainer.train, against fine-tuned BT on the same seeds
     picked = again["tasks"][0]["settings"]["oodpl_bt_weight_selection"]["chosen"]
-    for name, weight in (("ft_oodpl_meta", picked), ("ft_oodpl_meta_only", 0.0)):
-        assert rows[name]["seeds"] == 3 and rows[name]["baseline"] == "ft_bt" and "M1" in rows[name]["contrast"]
+    baselines = {"ft_oodpl_bt": "ft_bt", "ft_oodpl_meta": "ft_oodpl_bt", "ft_oodpl_meta_only": "ft_oodpl_bt"}
+    for name, weight in (("ft_oodpl_bt", picked), ("ft_oodpl_meta", picked), ("ft_oodpl_meta_only", 0.0)):
+        assert rows[name]["seeds"] == 3 and rows[name]["baseline"] == baselines[name]
+        assert "M1" in rows[name]["contrast"]
         assert {i["bt_weight"] for i in rows[name]["info"]} == {weight}
         assert all(i["outer_steps"] >= 1 and i["inner_lr"] == 1e-3 for i in rows[name]["info"])
     # DPO's implicit reward, 1 seed, against BT's seed 0
     assert rows["dpo"]["seeds"] == 1 and rows["dpo"]["baseline"] == "bt" and "M1" in rows["dpo"]["contrast"]
     assert rows["dpo"]["decision"]["verdict"] in ("shown", "shown worse", "refuted at this scale", "inconclusive")
-    finetune_targets = [t for t in again["targets"] if "fine-tune track" in t["name"]]
+    finetune_targets = [t for t in again["targets"] if "fine-tune track" in t["name"] and "oodpl" not in t["name"]]
     assert len(finetune_targets) == 2 and all("control" in t["name"] for t in finetune_targets)
+    assert sum("ft_oodpl_meta closes" in t["name"] for t in again["targets"]) == 1
     for target in finetune_targets:
         assert target["met"] == (target["interval"]["low"] > 0)
 
