@@ -67,7 +67,7 @@ class RunSettings:
     metarm_meta_lr: float = 0.1
     # η per update form, picked on the source side (bench.evidence.metarm_select); empty: metarm_meta_lr
     metarm_meta_lr_by_update: dict[str, float] = field(default_factory=dict)
-    metarm_meta_lr_grid: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0)
+    metarm_meta_lr_grid: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
     metarm_select_seeds: int = 3
     metarm_meta_batch: int = 8
     metarm_learning_rate: float = 3e-4
