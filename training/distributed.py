@@ -23,7 +23,9 @@ trainers build on:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any, Literal, TypeVar
@@ -330,9 +332,6 @@ def exit_without_teardown(code: int = 0) -> None:
     exit in three (6 of 17 runs of 2 CPU ranks: DDP steps, all_reduce, barrier,
     ``destroy_process_group``, return). Nothing is lost by then, but torchrun reports the
     rank as failed and stops its peers, which may still be writing."""
-    import logging
-    import sys
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

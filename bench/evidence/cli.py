@@ -54,9 +54,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=None, help=f"comma-separated rows (default all): {','.join(METHODS)}")
     parser.add_argument("--finetune", action="store_true",
                         help="also the fine-tune track (RMTrainer): ft_bt, ft_positive_control, 3 seeds; "
-                             "with --oodpl also the full RM meta-trained (ft_oodpl_meta, ft_oodpl_meta_only)")
+                             "with --oodpl also the full RM meta-trained (ft_oodpl_bt, ft_oodpl_meta, ft_oodpl_meta_only)")
     parser.add_argument("--dpo", action="store_true",
-                        help="also DPO's implicit reward (SmolLM2 + LoRA trained on source pairs, 3 seeds)")
+                        help="also DPO's implicit reward (SmolLM2 + LoRA trained on 512 source pairs, 1 seed)")
     parser.add_argument("--oodpl", action="store_true",
                         help="also OOD-PL meta-training, on all and on 4 / 8 source domains against BT on the "
                              "same domains (SmolLM2 precompute: many minutes per task)")

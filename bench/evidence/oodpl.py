@@ -184,6 +184,12 @@ def select_bt_weight(ctx: TaskContext) -> dict[str, Any]:
     return info
 
 
+def bt_weight_selection(ctx: TaskContext) -> dict[str, Any] | None:
+    """The run's BT-weight selection, if a row made one (for the record)."""
+    fitted = ctx.fits.get((BT_WEIGHT, 0))
+    return fitted.info if fitted is not None else None
+
+
 def picked_bt_weight(ctx: TaskContext) -> float:
     """``oodpl_bt_weight`` when set, else the source-val pick."""
     if ctx.settings.oodpl_bt_weight is not None:

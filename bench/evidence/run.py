@@ -260,12 +260,11 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
         ctx.settings = replace(ctx.settings, metarm_meta_lr_by_update=metarm_selection["chosen"])
         log.info("%s MetaRM η picked on source: %s (%.0f s)", task, metarm_selection["chosen"],
                  metarm_selection["seconds"])
-    oodpl_selection = None
-    if any(name.startswith("oodpl_meta") and name != "oodpl_meta_only" for name in names) \
+    if any(name.startswith(("oodpl_meta", "ft_oodpl")) and not name.endswith("meta_only") for name in names) \
             and ctx.settings.oodpl_bt_weight is None:
-        oodpl_selection = oodpl.select_bt_weight(ctx)  # source val only, before the rows' clocks
-        log.info("%s OOD-PL bt_weight picked on source val: %s (%.0f s)", task, oodpl_selection["chosen"],
-                 oodpl_selection["seconds"])
+        picked_weight = oodpl.select_bt_weight(ctx)  # source val only, before the rows' clocks
+        log.info("%s OOD-PL bt_weight picked on source val: %s (%.0f s)", task, picked_weight["chosen"],
+                 picked_weight["seconds"])
     results: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for name in names:
@@ -309,7 +308,8 @@ def run_task(task: str, options: Options) -> dict[str, Any]:
         "features": table.settings,
         "settings": {"pooling": best["pooling"], "head": asdict(head), "selection": picked,
                      "pooling_heldout": pooling_heldout, "run": asdict(ctx.settings),
-                     "metarm_meta_lr_selection": metarm_selection, "oodpl_bt_weight_selection": oodpl_selection},
+                     "metarm_meta_lr_selection": metarm_selection,
+                     "oodpl_bt_weight_selection": oodpl.bt_weight_selection(ctx)},
         "rows": rows,
         "control_gap": {"M1": control_gap[0], "M2": control_gap[1]},
         "targets": [*controls.control_targets(task, contrasts), *metarm_targets(task, rows),
